@@ -1,0 +1,1 @@
+"""INT8 calibration data, caches, score normalisation and thresholds. Arrives with the INT8 issue."""

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# End to end on the embedded defaults: sample data -> train -> evaluate (metrics table + heat-map overlays)
+# for every sample category, then one summary table. Usage: bash examples/quickstart.sh [DATA_DIR] [RUNS_DIR]
+set -euo pipefail
+DATA=${1:-data/sample}
+RUNS=${2:-runs}
+THREADS=${AMOE_THREADS:-2}
+CATEGORIES=${AMOE_CATEGORIES:-"weave washer kit"}
+
+amoe data sample "$DATA" --categories $CATEGORIES
+for category in $CATEGORIES; do
+  amoe train --data "$DATA/$category" --out "$RUNS/$category" --threads "$THREADS"
+  amoe eval --model "$RUNS/$category" --data "$DATA/$category" --out "$RUNS/$category/metrics.json" \
+    --save-images "$RUNS/$category/overlays" --threads "$THREADS"
+done
+python examples/summarize_runs.py "$RUNS" $CATEGORIES

@@ -1,0 +1,1 @@
+"""The torch-free edge runtime (``EdgeDetector``). Arrives with the export issue; imports only numpy, OpenCV and a backend."""

@@ -1,0 +1,94 @@
+"""Checkpoints: weights, the full config, normalisation statistics, k-means prototypes and the SDK version.
+
+Written to a temporary file and renamed, so an interrupted save never leaves a truncated checkpoint behind.
+The frozen encoder's weights travel inside, so loading needs neither the weights package nor a weights file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amoe_sdk.config import AmoeConfig
+from amoe_sdk.errors import CheckpointError
+from amoe_sdk.version import __version__
+
+CHECKPOINT_FORMAT = 1
+FINAL_NAME = "model.pt"
+RESUME_NAME = "last.pt"
+
+
+def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory or a checkpoint file -> the checkpoint file (the final one when the run finished)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (FINAL_NAME, RESUME_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} holds no {FINAL_NAME} or {RESUME_NAME}; train with `amoe train --out {path}` first")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a checkpoint payload (format, SDK version, required keys)."""
+    path = resolve_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it may be truncated, retrain or restore it") from exc
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(f"{path} is not an amoe-sdk checkpoint")
+    if payload["format"] > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {payload['format']} from amoe-sdk {payload.get('sdk_version')}; "
+            f"this amoe-sdk {__version__} reads format {CHECKPOINT_FORMAT} or older: upgrade amoe-sdk"
+        )
+    missing = [k for k in ("config", "state_dict", "step", "sdk_version") if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}; it is damaged")
+    payload["path"] = path
+    return payload
+
+
+def load_detector(path: str | Path):
+    """(AnomalyMoE in eval mode, payload) from a run directory or checkpoint file."""
+    from amoe_sdk.models.detector import AnomalyMoE
+
+    payload = read_checkpoint(path)
+    config = AmoeConfig.from_dict(payload["config"], f"checkpoint {payload['path']}")
+    build_config = copy.deepcopy(config.model)
+    build_config.encoder.random_weights = True  # the encoder's weights are in the state dict
+    model = AnomalyMoE(build_config)
+    model.config = config.model
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {payload['path']} does not match its own config: {exc}") from exc
+    return model.eval(), payload
+
+
+def make_payload(model, config: AmoeConfig, step: int, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "sdk_version": __version__,
+        "config": config.to_dict(),
+        "state_dict": model.state_dict(),
+        "step": step,
+        **extra,
+    }

@@ -1,0 +1,201 @@
+"""``amoe``: one verb per job.
+
+    amoe data sample OUT            write the procedural sample dataset (MVTec AD layout)
+    amoe train --data DIR --out RUN train a detector on normal images (resumable)
+    amoe eval --model RUN --data DIR --out metrics.json [--save-images DIR]
+    amoe info RUN                   what a checkpoint holds
+
+Exit codes: 0 success, 2 usage error, 3 bad data, 4 bad config, 5 encoder weights, 6 checkpoint, 1 other
+SDK errors. Errors print one message that names the file and the fix, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from amoe_sdk.errors import AmoeError
+from amoe_sdk.version import __version__
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def cmd_data_sample(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from amoe_sdk.data.synth import SampleSpec, write_sample_dataset
+
+    spec = SampleSpec(train_good=args.train_good, test_good=args.test_good, test_per_defect=args.per_defect)
+    folders = write_sample_dataset(args.out, args.categories, args.seed, spec, progress=lambda jobs: tqdm(jobs, desc="render", unit="img"))
+    for folder in folders:
+        print(f"wrote {folder}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from amoe_sdk.config import load_config
+    from amoe_sdk.training.trainer import train
+
+    _threads(args.threads)
+    overrides = {}
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+    if args.seed is not None:
+        overrides["train.seed"] = args.seed
+    if args.encoder_weights is not None:
+        overrides["model.encoder.weights"] = args.encoder_weights
+    config = load_config(args.config, overrides)
+    result = train(args.data, args.out, config, resume=not args.no_resume)
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from amoe_sdk.checkpoint import load_detector
+    from amoe_sdk.data.layouts import read_dataset, read_folder_dataset
+    from amoe_sdk.evaluation.evaluate import evaluate, format_table, write_json
+
+    _threads(args.threads)
+    if args.data and args.normal:
+        raise AmoeError("pass either --data (MVTec layout) or --normal/--abnormal (plain folders), not both")
+    if args.data:
+        dataset = read_dataset(args.data, require_test=True)
+    elif args.normal and args.abnormal:
+        dataset = read_folder_dataset(args.normal, args.abnormal, args.masks)
+    else:
+        raise AmoeError("evaluation needs --data DIR (MVTec layout) or --normal DIR --abnormal DIR [--masks DIR]")
+    model, payload = load_detector(args.model)
+    started = time.time()
+    result = evaluate(model, dataset, args.save_images)
+    result["checkpoint"] = str(payload["path"])
+    result["dataset"] = str(dataset.root)
+    result["eval_seconds"] = time.time() - started
+    write_json(result, args.out)
+    print(format_table(result, f"{dataset.name}: {len(dataset.test)} test images"))
+    print(f"metrics -> {args.out}" + (f", overlays -> {args.save_images}" if args.save_images else ""))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from amoe_sdk.checkpoint import read_checkpoint
+
+    payload = read_checkpoint(args.path)
+    summary = {
+        "checkpoint": str(payload["path"]),
+        "sdk_version": payload["sdk_version"],
+        "format": payload["format"],
+        "step": payload["step"],
+        "finished": "calibration" in payload,
+        "data_root": payload.get("data_root"),
+        "train_images": len(payload.get("train_images", [])),
+        "val_images": len(payload.get("val_images", [])),
+        "train_seconds": payload.get("train_seconds"),
+        "parameters": {
+            "encoder (frozen)": sum(v.numel() for k, v in payload["state_dict"].items() if k.startswith("encoder.") and v.is_floating_point()),
+            "experts + router": sum(v.numel() for k, v in payload["state_dict"].items() if not k.startswith("encoder.") and v.is_floating_point()),
+        },
+        "normalisation": payload.get("calibration"),
+        "routing_usage": payload.get("routing_usage"),
+        "prototypes": list(payload["state_dict"]["assigner.prototypes"].shape),
+        "config": payload["config"],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    import yaml
+
+    print(yaml.safe_dump(summary, sort_keys=False, width=120))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amoe",
+        description="Train and evaluate AnomalyMoE mixture-of-experts anomaly detectors.",
+        epilog="Start here: amoe data sample data/ && amoe train --data data/weave --out runs/weave && "
+        "amoe eval --model runs/weave --data data/weave --out runs/weave/metrics.json --save-images runs/weave/overlays",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"amoe-sdk {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    data = verbs.add_parser("data", help="datasets", description="Dataset tools.")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    sample = data_verbs.add_parser(
+        "sample",
+        help="write the procedural sample dataset",
+        description="Write a small deterministic dataset in the MVTec AD layout: weave (texture: scratch, dent, "
+        "contamination, foreign_material), washer (object: crack, chip, stain) and kit (object with logical "
+        "anomalies: missing, extra, swapped, wrong_colour), with a pixel mask for every defect.",
+    )
+    sample.add_argument("out", type=Path, help="output folder; one sub-folder per category")
+    sample.add_argument("--categories", nargs="+", default=None, help="subset of: weave washer kit (default: all)")
+    sample.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
+    sample.add_argument("--train-good", type=int, default=100, help="normal training images per category (default 100)")
+    sample.add_argument("--test-good", type=int, default=24, help="normal test images per category (default 24)")
+    sample.add_argument("--per-defect", type=int, default=10, help="test images per defect type (default 10)")
+    sample.set_defaults(func=cmd_data_sample)
+
+    tr = verbs.add_parser(
+        "train",
+        help="train a detector on normal images",
+        description="Train AnomalyMoE on the normal images of --data (an MVTec category's train/good, or a plain "
+        "folder of normal images). A share of them is held out to calibrate the anomaly maps. Interrupted runs "
+        "resume from RUN/last.pt; the result is RUN/model.pt.",
+    )
+    tr.add_argument("--data", required=True, type=Path, help="MVTec category folder or folder of normal images")
+    tr.add_argument("--out", required=True, type=Path, help="run folder for checkpoints, config.yaml and history.json")
+    tr.add_argument("--config", type=Path, help="YAML config; missing keys keep their defaults (see RUN/config.yaml of any run)")
+    tr.add_argument("--steps", type=int, help="optimisation steps (default from the config: 800)")
+    tr.add_argument("--seed", type=int, help="random seed (default from the config: 0)")
+    tr.add_argument("--encoder-weights", help="local weights file for a DINOv2 encoder (or a Lite0 .pth to override the embedded one)")
+    tr.add_argument("--no-resume", action="store_true", help="start over even when RUN/last.pt exists")
+    tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    tr.set_defaults(func=cmd_train)
+
+    ev = verbs.add_parser(
+        "eval",
+        help="measure image / pixel metrics on labelled test images",
+        description="Image AUROC, pixel AUROC, AUPRO (to 30 %% FPR), image F1-max and its threshold, overall and "
+        "per defect type. Maps are compared with the ground truth at the model's input size.",
+    )
+    ev.add_argument("--model", required=True, type=Path, help="run folder or checkpoint file")
+    ev.add_argument("--data", type=Path, help="MVTec category folder (test/ and ground_truth/)")
+    ev.add_argument("--normal", type=Path, help="plain layout: folder of normal test images")
+    ev.add_argument("--abnormal", type=Path, help="plain layout: folder of anomalous test images")
+    ev.add_argument("--masks", type=Path, help="plain layout: masks named <stem>.png or <stem>_mask.png")
+    ev.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
+    ev.add_argument("--save-images", type=Path, help="folder for image | ground truth | heat-map panels")
+    ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ev.set_defaults(func=cmd_eval)
+
+    info = verbs.add_parser("info", help="show what a checkpoint holds", description="Print a checkpoint's version, config, normalisation and routing statistics.")
+    info.add_argument("path", type=Path, help="run folder or checkpoint file")
+    info.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AmoeError as exc:
+        print(f"amoe {args.verb}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"amoe {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

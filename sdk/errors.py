@@ -1,0 +1,36 @@
+"""Exceptions with messages that name the file at fault and the fix.
+
+The CLI turns an ``AmoeError`` into a one-paragraph message and a distinct exit code instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class AmoeError(Exception):
+    """Base class of every error the SDK raises on purpose. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class DataError(AmoeError):
+    """An image, mask or dataset folder that cannot be used as it is."""
+
+    exit_code = 3
+
+
+class ConfigError(AmoeError):
+    """A config file or option that is missing, misspelt or out of range."""
+
+    exit_code = 4
+
+
+class WeightsError(AmoeError):
+    """A missing or mismatched encoder weights file."""
+
+    exit_code = 5
+
+
+class CheckpointError(AmoeError):
+    """A checkpoint that is missing, truncated or written by an incompatible SDK version."""
+
+    exit_code = 6

@@ -1,0 +1,119 @@
+"""Evaluating a trained detector on labelled test images: image and pixel metrics, per defect type.
+
+Maps are compared with the ground truth at the model's input size (masks resized with nearest neighbour).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from amoe_sdk.data.images import read_image, read_mask, resize_image
+from amoe_sdk.data.layouts import GOOD, Dataset
+from amoe_sdk.evaluation.metrics import aupro, auroc, f1_max
+from amoe_sdk.evaluation.overlays import side_by_side, write_png
+
+
+@torch.no_grad()
+def predict(model, samples, batch_size: int = 8, show_progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+    """Run the detector -> (scores [N], maps [N, S, S], resized images, routing weights [N, E])."""
+    size = model.config.input_size
+    scores, maps, images, weights = [], [], [], []
+    for start in tqdm(range(0, len(samples), batch_size), desc="predict", unit="batch", leave=False, disable=not show_progress):
+        chunk = [resize_image(read_image(s.image_path), size) for s in samples[start : start + batch_size]]
+        batch = torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2).float()
+        out = model(batch)
+        scores.append(out.score.numpy())
+        maps.append(out.anomaly_map[:, 0].numpy())
+        weights.append(out.routing_weights.numpy())
+        images.extend(chunk)
+    return np.concatenate(scores), np.concatenate(maps), images, np.concatenate(weights)
+
+
+def load_masks(samples, size: int) -> np.ndarray:
+    """Ground-truth masks at the model size: bool [N, size, size]; all False for normal images."""
+    masks = np.zeros((len(samples), size, size), bool)
+    for i, sample in enumerate(samples):
+        if not sample.mask_paths:
+            continue
+        shape = read_image(sample.image_path).shape[:2]
+        union = np.zeros(shape, bool)
+        for path in sample.mask_paths:
+            union |= read_mask(path, shape, sample.image_path)
+        masks[i] = cv2.resize(union.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+    return masks
+
+
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, has_masks: bool) -> dict[str, float]:
+    f1, threshold = f1_max(labels, scores)
+    result = {"image_auroc": auroc(labels, scores), "f1_max": f1, "threshold": threshold}
+    if has_masks:
+        result["pixel_auroc"] = auroc(masks, maps)
+        result["aupro"] = aupro(masks, maps)
+    else:
+        result["pixel_auroc"] = result["aupro"] = float("nan")
+    return result
+
+
+def evaluate(model, dataset: Dataset, save_images: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset.test``; the JSON-ready dict the CLI writes."""
+    samples = dataset.test
+    scores, maps, images, weights = predict(model, samples, show_progress=show_progress)
+    labels = np.array([s.label for s in samples])
+    masks = load_masks(samples, model.config.input_size)
+    has_masks = all(s.mask_paths for s in samples if s.label == 1) and labels.any()
+    overall = compute_metrics(labels, scores, masks, maps, has_masks)
+    per_defect = {}
+    good = labels == 0
+    for defect in dataset.defect_types:
+        subset = good | np.array([s.defect_type == defect for s in samples])
+        per_defect[defect] = {
+            "count": int((subset & ~good).sum()),
+            **compute_metrics(labels[subset], scores[subset], masks[subset], maps[subset], has_masks),
+        }
+    result = {
+        **overall,
+        "per_defect": per_defect,
+        "num_images": len(samples),
+        "num_anomalous": int(labels.sum()),
+        "expert_selected_share": (weights > 0).mean(axis=0).tolist(),
+        "scores": [{"image": str(s.image_path), "label": int(s.label), "defect": s.defect_type, "score": float(v)} for s, v in zip(samples, scores)],
+    }
+    if save_images:
+        vmax = 2.0 * overall["threshold"] if np.isfinite(overall["threshold"]) and overall["threshold"] > 0 else float(maps.max())
+        root = Path(save_images)
+        for sample, image, mask, amap, score in zip(samples, images, masks, maps, scores):
+            verdict = "ANOMALY" if score >= overall["threshold"] else "normal"
+            caption = f"{sample.defect_type}/{sample.image_path.name}  score {score:.3f}  ({verdict} at {overall['threshold']:.3f})"
+            write_png(root / sample.defect_type / f"{sample.image_path.stem}.png", side_by_side(image, mask, amap, vmax, caption))
+    return result
+
+
+def format_table(result: dict[str, Any], title: str = "") -> str:
+    """A fixed-width table of the overall and per-defect metrics."""
+    header = f"{'subset':<20}{'n':>5}{'img AUROC':>11}{'px AUROC':>10}{'AUPRO':>8}{'F1-max':>8}"
+    rows = [title, header, "-" * len(header)] if title else [header, "-" * len(header)]
+
+    def row(name: str, n: int, m: dict) -> str:
+        return f"{name:<20}{n:>5}{m['image_auroc']:>11.4f}{m['pixel_auroc']:>10.4f}{m['aupro']:>8.4f}{m['f1_max']:>8.4f}"
+
+    for defect, metrics in result["per_defect"].items():
+        rows.append(row(defect, metrics["count"], metrics))
+    rows.append("-" * len(header))
+    rows.append(row("all", result["num_images"], result))
+    rows.append(f"threshold at F1-max: {result['threshold']:.4f}")
+    return "\n".join(rows)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=True))
+    tmp.replace(path)

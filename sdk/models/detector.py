@@ -1,0 +1,154 @@
+"""AnomalyMoE: a frozen encoder, three levels of reconstruction experts and a top-k router.
+
+Inference (``forward``) is one static graph: every expert runs, the router's top-k softmax weights re-weight
+their maps, and there is no data-dependent Python control flow, so the converters can export it as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from amoe_sdk.config import ModelConfig
+from amoe_sdk.models.components import ComponentAssigner
+from amoe_sdk.models.encoders import EncoderFeatures, build_encoder
+from amoe_sdk.models.experts import ComponentExpert, ExpertOutput, GlobalExpert, PatchExpert
+from amoe_sdk.models.layers import FP16_SAFE_EPS, GaussianBlur, top_percent_mean
+from amoe_sdk.models.router import TopKRouter
+
+LEVELS = ("patch", "component", "global")
+
+
+@dataclass
+class DetectorOutput:
+    """``anomaly_map``: [B, 1, S, S] normalised map at the input size; ``score``: [B] image scores;
+    ``routing_weights``: [B, E]; ``expert_maps``: [B, E, G, G] raw (un-normalised) per-expert maps."""
+
+    anomaly_map: torch.Tensor
+    score: torch.Tensor
+    routing_weights: torch.Tensor
+    expert_maps: torch.Tensor
+
+
+class AnomalyMoE(nn.Module):
+    """The mixture-of-experts anomaly detector.
+
+    ``forward(images_bgr [B, 3, S, S] float BGR in [0, 255])`` -> ``DetectorOutput``. Experts are ordered by
+    level: patch experts first, then component, then global; ``expert_levels`` names each one's level.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = build_encoder(config.encoder, config.input_size)
+        channels = sum(self.encoder.tap_channels)
+        grid = config.encoder.grid_size
+        self.grid_size = grid
+        # Per-channel statistics of the taps on normal training images, filled in before training.
+        self.register_buffer("feature_mean", torch.zeros(channels))
+        self.register_buffer("feature_std", torch.ones(channels))
+        self.patch_experts = nn.ModuleList(
+            PatchExpert(config.patch, self.encoder.tap_channels, grid) for _ in range(config.patch.num_experts)
+        )
+        self.assigner = ComponentAssigner(config.component.num_slots, channels, grid)
+        self.component_experts = nn.ModuleList(
+            ComponentExpert(config.component, channels) for _ in range(config.component.num_experts)
+        )
+        self.global_experts = nn.ModuleList(
+            GlobalExpert(config.global_, channels, grid) for _ in range(config.global_.num_experts)
+        )
+        self.expert_levels = (
+            ["patch"] * config.patch.num_experts
+            + ["component"] * config.component.num_experts
+            + ["global"] * config.global_.num_experts
+        )
+        num_experts = len(self.expert_levels)
+        self.router = TopKRouter(self.encoder.descriptor_dim, config.router.hidden_dim, num_experts, config.router.top_k)
+        level_matrix = torch.zeros(len(LEVELS), num_experts)
+        for e, level in enumerate(self.expert_levels):
+            level_matrix[LEVELS.index(level), e] = 1.0
+        self.register_buffer("level_matrix", level_matrix, persistent=False)  # [L, E]
+        # Per-expert map normalisation, measured on normal validation images after training.
+        self.register_buffer("map_low", torch.zeros(num_experts))
+        self.register_buffer("map_high", torch.ones(num_experts))
+        post = config.postprocess
+        self.blur = GaussianBlur(post.blur_kernel, post.blur_sigma)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_levels)
+
+    def trainable_parameters(self):
+        """Everything but the frozen encoder."""
+        return [p for name, p in self.named_parameters() if not name.startswith("encoder.")]
+
+    def train(self, mode: bool = True) -> "AnomalyMoE":
+        super().train(mode)
+        self.encoder.eval()  # frozen: its batch norms never update
+        return self
+
+    @torch.no_grad()
+    def encode(self, images_bgr: torch.Tensor) -> EncoderFeatures:
+        return self.encoder(images_bgr)
+
+    def standardise(self, taps: torch.Tensor) -> torch.Tensor:
+        """[B, C, G, G] raw taps -> [B, N, C] standardised tokens."""
+        x = (taps - self.feature_mean.view(1, -1, 1, 1)) / self.feature_std.view(1, -1, 1, 1)
+        return x.flatten(2).transpose(1, 2)
+
+    def run_experts(
+        self,
+        features: EncoderFeatures,
+        images_bgr: torch.Tensor,
+        with_loss: bool = False,
+        easy_fraction: float = 0.9,
+        easy_scale: float = 0.1,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[ExpertOutput]]:
+        """All experts on one batch -> (router logits [B, E], routing weights [B, E], outputs in expert order)."""
+        tokens = self.standardise(features.taps)
+        logits, weights = self.router(features.descriptor)
+        outputs = [
+            expert(tokens, easy_fraction if with_loss else None, easy_scale) for expert in self.patch_experts
+        ]
+        if len(self.component_experts):
+            slot_features, areas, masks = self.assigner(tokens)
+            outputs += [expert(slot_features, areas, masks, training=with_loss) for expert in self.component_experts]
+        if len(self.global_experts):
+            b, n, c = tokens.shape
+            target = tokens.transpose(1, 2).reshape(b, c, self.grid_size, self.grid_size) if with_loss else None
+            outputs += [expert(images_bgr, target) for expert in self.global_experts]
+        return logits, weights, outputs
+
+    def fuse(self, expert_maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Routed fusion on the grid: [B, E, G, G] raw maps, [B, E] weights -> [B, 1, G, G].
+
+        Each expert's map is normalised with its validation statistics; within a level the selected experts'
+        maps are averaged by their routing weights; each level counts with its largest routing weight.
+        """
+        span = (self.map_high - self.map_low).clamp_min(FP16_SAFE_EPS)
+        normed = (expert_maps - self.map_low.view(1, -1, 1, 1)) / span.view(1, -1, 1, 1)
+        # [B, L, E]: routing weights split by level
+        per_level = weights.unsqueeze(1) * self.level_matrix.unsqueeze(0)
+        level_weight = per_level.max(dim=2).values  # [B, L]
+        within = per_level / per_level.sum(dim=2, keepdim=True).clamp_min(FP16_SAFE_EPS)
+        b, e, g, _ = normed.shape
+        level_maps = (within @ normed.reshape(b, e, g * g)).reshape(b, -1, g, g)
+        return (level_weight.view(*level_weight.shape, 1, 1) * level_maps).sum(dim=1, keepdim=True)
+
+    def postprocess(self, grid_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 1, G, G] -> (map [B, 1, S, S] upsampled and blurred, score [B])."""
+        size = self.config.input_size
+        full = self.blur(F.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=False))
+        return full, top_percent_mean(full, self.config.postprocess.top_percent)
+
+    def forward_features(self, features: EncoderFeatures, images_bgr: torch.Tensor) -> DetectorOutput:
+        _, weights, outputs = self.run_experts(features, images_bgr)
+        expert_maps = torch.cat([o.anomaly_map for o in outputs], dim=1)  # [B, E, G, G]
+        anomaly_map, score = self.postprocess(self.fuse(expert_maps, weights))
+        return DetectorOutput(anomaly_map, score, weights, expert_maps)
+
+    def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:
+        return self.forward_features(self.encoder(images_bgr), images_bgr)

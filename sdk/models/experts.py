@@ -1,0 +1,162 @@
+"""The three levels of reconstruction experts.
+
+Each expert gives, for a batch, its anomaly map on the G x G grid, its per-image training loss and a pooled
+representation (what Expert Information Repulsion pushes apart between experts of one level).
+Features arrive standardised (per-channel z-scores of the encoder taps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from amoe_sdk.config import ComponentExpertConfig, GlobalExpertConfig, PatchExpertConfig
+from amoe_sdk.models.encoders import resample_to_grid
+from amoe_sdk.models.layers import FP16_SAFE_EPS, LinearAttentionBlock, Mlp
+
+
+@dataclass
+class ExpertOutput:
+    """``anomaly_map``: [B, 1, G, G]; ``loss``: [B] (training only, else None); ``representation``: [B, R]."""
+
+    anomaly_map: torch.Tensor
+    loss: torch.Tensor | None
+    representation: torch.Tensor
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """1 - cos(a, b) along ``dim``, with an FP16-safe epsilon."""
+    return 1.0 - F.cosine_similarity(a, b, dim=dim, eps=FP16_SAFE_EPS)
+
+
+class PatchExpert(nn.Module):
+    """Noisy MLP bottleneck, then linear-attention blocks, then a linear head back to the tap channels.
+
+    ``forward(tokens [B, N, C])``: the reconstruction [B, N, C] is compared tap by tap (cosine distance per
+    position); the map is the mean distance over taps.
+    """
+
+    def __init__(self, config: PatchExpertConfig, tap_channels: list[int], grid_size: int):
+        super().__init__()
+        channels = sum(tap_channels)
+        self.tap_channels = list(tap_channels)
+        self.grid_size = grid_size
+        self.input_drop = nn.Dropout(config.dropout)
+        self.bottleneck = Mlp(channels, config.bottleneck_hidden, config.embed_dim, dropout=config.dropout)
+        self.blocks = nn.ModuleList(
+            LinearAttentionBlock(config.embed_dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.embed_dim, eps=1e-5)
+        self.head = nn.Linear(config.embed_dim, channels)
+
+    def forward(
+        self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1
+    ) -> ExpertOutput:
+        """tokens: [B, N, C]. With ``easy_fraction`` set (training), the loss uses hard mining: the gradient of
+        the easiest ``easy_fraction`` of positions per tap is multiplied by ``easy_scale``."""
+        hidden = self.bottleneck(self.input_drop(tokens))  # [B, N, D]
+        for block in self.blocks:
+            hidden = block(hidden)
+        representation = hidden.mean(dim=1)
+        recon = self.head(self.norm(hidden))  # [B, N, C]
+        distances, losses = [], []
+        for target, pred in zip(tokens.split(self.tap_channels, -1), recon.split(self.tap_channels, -1)):
+            distance = cosine_distance(target, pred, dim=-1)  # [B, N]
+            distances.append(distance)
+            if easy_fraction is not None:
+                threshold = torch.quantile(distance.detach().flatten(), easy_fraction)
+                easy = (distance.detach() < threshold).unsqueeze(-1)
+                # Same value, scaled gradient on easy positions: hard mining without hooks.
+                damped = pred * easy_scale + pred.detach() * (1.0 - easy_scale)
+                losses.append(cosine_distance(target, torch.where(easy, damped, pred), dim=-1).mean(dim=1))
+        b, n = tokens.shape[:2]
+        anomaly_map = torch.stack(distances, 0).mean(0).view(b, 1, self.grid_size, self.grid_size)
+        loss = torch.stack(losses, 0).mean(0) if losses else None
+        return ExpertOutput(anomaly_map, loss, representation)
+
+
+class ComponentExpert(nn.Module):
+    """An MLP autoencoder over component descriptors: per slot, the mean feature inside its mask and its area.
+
+    ``forward(slot_features [B, K, C], areas [B, K], masks [B, K, G, G])``. A slot's score is the cosine
+    distance of its feature (when the slot is present) plus ``area_weight`` times the squared error of
+    sqrt(area); the map paints each slot's score over its mask.
+    """
+
+    def __init__(self, config: ComponentExpertConfig, channels: int):
+        super().__init__()
+        self.num_slots = config.num_slots
+        self.area_weight = config.area_weight
+        in_dim = channels + 1 + config.num_slots  # feature, sqrt(area), slot identity
+        self.encoder = Mlp(in_dim, config.hidden_dim, config.code_dim)
+        self.decoder = Mlp(config.code_dim, config.hidden_dim, channels + 1)
+        self.register_buffer("slot_identity", torch.eye(config.num_slots), persistent=False)
+
+    def forward(self, slot_features: torch.Tensor, areas: torch.Tensor, masks: torch.Tensor, training: bool = False) -> ExpertOutput:
+        b, k, c = slot_features.shape
+        root_area = areas.sqrt().unsqueeze(-1)  # [B, K, 1]
+        identity = self.slot_identity.unsqueeze(0).expand(b, k, k)
+        code = self.encoder(torch.cat([slot_features, root_area, identity], dim=-1))  # [B, K, code]
+        recon = self.decoder(code)
+        feature_error = cosine_distance(slot_features, recon[..., :c], dim=-1)  # [B, K]
+        present = (areas > 0).to(feature_error.dtype)
+        area_error = (root_area.squeeze(-1) - recon[..., c]) ** 2
+        slot_scores = present * feature_error + self.area_weight * area_error  # [B, K]
+        anomaly_map = (slot_scores.view(b, k, 1, 1) * masks).sum(dim=1, keepdim=True)
+        loss = slot_scores.mean(dim=1) if training else None
+        return ExpertOutput(anomaly_map, loss, code.mean(dim=1))
+
+
+class GlobalExpert(nn.Module):
+    """An image autoencoder squeezed to a 1x1 code, and a student CNN predicting the autoencoder's output.
+
+    The autoencoder learns to reproduce the encoder features from the whole image through a tiny code, so it can
+    only reproduce normal layouts; the student sees local windows. The map is the mean over channels of
+    (autoencoder - student)^2: large where the layout is not a normal one (logical anomalies).
+    ``forward(images_bgr [B, 3, S, S], target [B, C, G, G])``.
+    """
+
+    def __init__(self, config: GlobalExpertConfig, channels: int, grid_size: int):
+        super().__init__()
+        w, s = config.width, config.image_size
+        if s % 16 != 0:
+            raise ValueError(f"global.image_size must be a multiple of 16, got {s}")
+        self.image_size = s
+        self.grid_size = grid_size
+        self.ae_encoder = nn.Sequential(
+            nn.Conv2d(3, w // 2, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(w // 2, w // 2, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(w // 2, w, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(w, w, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(w, config.code_dim, s // 16),  # [B, code, 1, 1]
+        )
+        self.decoder_sizes = [4, 8, 16, grid_size]
+        self.ae_decoder = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(config.code_dim if i == 0 else w, w, 3, 1, 1), nn.ReLU()) for i in range(4)
+        )
+        self.ae_head = nn.Conv2d(w, channels, 1)
+        self.student = nn.Sequential(
+            nn.Conv2d(3, w // 2, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(w // 2, w, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, 1, 1), nn.ReLU(),
+            nn.Conv2d(2 * w, channels, 1),
+        )
+
+    def forward(self, images_bgr: torch.Tensor, target: torch.Tensor | None = None) -> ExpertOutput:
+        small = resample_to_grid(images_bgr, self.image_size) / 127.5 - 1.0  # [B, 3, s, s]
+        code = self.ae_encoder(small)
+        x = code
+        for size, layer in zip(self.decoder_sizes, self.ae_decoder):
+            x = layer(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False))
+        reconstruction = self.ae_head(x)  # [B, C, G, G]
+        prediction = resample_to_grid(self.student(small), self.grid_size)  # [B, C, G, G]
+        anomaly_map = ((reconstruction - prediction) ** 2).mean(dim=1, keepdim=True)
+        loss = None
+        if target is not None:
+            ae_loss = ((reconstruction - target) ** 2).mean(dim=(1, 2, 3))
+            student_loss = ((prediction - reconstruction.detach()) ** 2).mean(dim=(1, 2, 3))
+            loss = ae_loss + student_loss
+        return ExpertOutput(anomaly_map, loss, code.flatten(1))

@@ -1,0 +1,241 @@
+"""Training AnomalyMoE on a folder of normal images, on the CPU, deterministically and resumably.
+
+The encoder is frozen and there is no augmentation, so its features are computed once per image and cached;
+each step then costs only the experts and the router.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from amoe_sdk.checkpoint import FINAL_NAME, RESUME_NAME, atomic_torch_save, make_payload, read_checkpoint
+from amoe_sdk.config import AmoeConfig
+from amoe_sdk.data.layouts import read_dataset
+from amoe_sdk.errors import CheckpointError
+from amoe_sdk.models.components import kmeans
+from amoe_sdk.models.detector import LEVELS, AnomalyMoE
+from amoe_sdk.models.encoders import EncoderFeatures
+from amoe_sdk.training.data import load_images, split_train_val
+from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    seconds: float
+    final_losses: dict[str, float]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def encode_all(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 16, desc: str = "encode") -> EncoderFeatures:
+    """Frozen-encoder features of uint8 images [N, 3, S, S] -> taps [N, C, G, G], descriptors [N, D]."""
+    taps, descriptors = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
+        features = model.encode(images[start : start + batch_size].float())
+        taps.append(features.taps)
+        descriptors.append(features.descriptor)
+    return EncoderFeatures(torch.cat(taps), torch.cat(descriptors))
+
+
+@torch.no_grad()
+def fit_feature_statistics(model: AnomalyMoE, train: EncoderFeatures, config: AmoeConfig, generator: torch.Generator) -> None:
+    """Per-channel mean / std of the taps and the k-means component prototypes, from normal training images."""
+    taps = train.taps
+    model.feature_mean.copy_(taps.mean(dim=(0, 2, 3)))
+    model.feature_std.copy_(taps.std(dim=(0, 2, 3)).clamp_min(1e-3))
+    tokens = model.standardise(taps).reshape(-1, taps.shape[1])
+    sample = tokens[torch.randperm(len(tokens), generator=generator)[:20000]]
+    model.assigner.prototypes.copy_(kmeans(sample, config.model.component.num_slots, config.model.component.kmeans_iters, generator))
+
+
+@torch.no_grad()
+def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig) -> dict:
+    """Per-expert map statistics on normal validation images (never the test set), and their image scores."""
+    model.eval()
+    maps = []
+    for start in range(0, len(val_images), 16):
+        chunk = EncoderFeatures(val.taps[start : start + 16], val.descriptor[start : start + 16])
+        _, _, outputs = model.run_experts(chunk, val_images[start : start + 16].float())
+        maps.append(torch.cat([o.anomaly_map for o in outputs], dim=1))
+    maps = torch.cat(maps).transpose(0, 1).reshape(model.num_experts, -1)  # [E, N*G*G]
+    post = config.model.postprocess
+    model.map_low.copy_(torch.quantile(maps, post.norm_low_quantile, dim=1))
+    model.map_high.copy_(torch.quantile(maps, post.norm_high_quantile, dim=1))
+    scores = []
+    for start in range(0, len(val_images), 16):
+        chunk = EncoderFeatures(val.taps[start : start + 16], val.descriptor[start : start + 16])
+        scores.append(model.forward_features(chunk, val_images[start : start + 16].float()).score)
+    scores = torch.cat(scores)
+    return {
+        "map_low": model.map_low.tolist(),
+        "map_high": model.map_high.tolist(),
+        "val_scores": scores.tolist(),
+        "val_score_mean": float(scores.mean()),
+        "val_score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "val_score_max": float(scores.max()),
+    }
+
+
+def learning_rate(step: int, config: AmoeConfig) -> float:
+    """Linear warm-up then cosine decay to 1 % of the peak."""
+    t = config.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _same_training_setup(saved: dict, config: AmoeConfig) -> bool:
+    current = config.to_dict()
+    return saved["model"] == current["model"] and saved["loss"] == current["loss"] and {
+        k: v for k, v in saved["train"].items() if k not in ("steps", "checkpoint_every")
+    } == {k: v for k, v in current["train"].items() if k not in ("steps", "checkpoint_every")}
+
+
+def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume: bool = True, show_progress: bool = True) -> TrainResult:
+    """Train on the normal images of ``data_root`` and write ``out_dir/model.pt``; resumes from ``out_dir/last.pt``."""
+    started = time.time()
+    out_dir = Path(out_dir)
+    tc = config.train
+    seed_everything(tc.seed)
+    dataset = read_dataset(data_root)
+    train_paths, val_paths = split_train_val(dataset.train, tc.val_fraction, tc.min_val_images, tc.seed)
+    size = config.model.input_size
+    train_images = load_images(train_paths, size, lambda x: tqdm(x, desc="read train", leave=False, unit="img"))
+    val_images = load_images(val_paths, size, lambda x: tqdm(x, desc="read val", leave=False, unit="img"))
+
+    model = AnomalyMoE(config.model)
+    train_features = encode_all(model, train_images, desc="encode train")
+    val_features = encode_all(model, val_images, desc="encode val")
+    generator = torch.Generator().manual_seed(tc.seed)
+    fit_feature_statistics(model, train_features, config, generator)
+
+    levels = [LEVELS.index(level) for level in model.expert_levels]
+    scale_by_level = torch.tensor([1.0, config.loss.component_scale, config.loss.global_scale])
+    level_scales = scale_by_level[levels]
+    estimators = torch.nn.ModuleDict()
+    for level, experts in (("patch", model.patch_experts), ("component", model.component_experts), ("global", model.global_experts)):
+        if len(experts) >= 2:
+            dim = {"patch": config.model.patch.embed_dim, "component": config.model.component.code_dim, "global": config.model.global_.code_dim}[level]
+            estimators[level] = ClubEstimator(dim)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    estimator_optimizer = torch.optim.Adam(estimators.parameters(), lr=tc.estimator_lr) if len(estimators) else None
+
+    start_step = 0
+    history: list[dict[str, float]] = []
+    resume_path = out_dir / RESUME_NAME
+    if resume and resume_path.is_file():
+        saved = read_checkpoint(resume_path)
+        if not _same_training_setup(saved["config"], config):
+            raise CheckpointError(
+                f"{resume_path} was trained with another config; use a new --out folder or pass --no-resume to start over"
+            )
+        model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        estimators.load_state_dict(saved["estimators"])
+        if estimator_optimizer is not None:
+            estimator_optimizer.load_state_dict(saved["estimator_optimizer"])
+        generator.set_state(saved["generator_state"])
+        torch.set_rng_state(saved["torch_rng_state"])
+        start_step, history = saved["step"], saved["history"]
+
+    expert_index = {level: [e for e, l in enumerate(model.expert_levels) if l == level] for level in LEVELS}
+    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
+    loop_started = time.time()
+
+    def save(path: Path, step: int, extra: dict | None = None) -> None:
+        atomic_torch_save(
+            make_payload(model, config, step, {
+                "optimizer": optimizer.state_dict(),
+                "estimators": estimators.state_dict(),
+                "estimator_optimizer": estimator_optimizer.state_dict() if estimator_optimizer else None,
+                "generator_state": generator.get_state(),
+                "torch_rng_state": torch.get_rng_state(),
+                "history": history,
+                "train_images": [str(p) for p in train_paths],
+                "val_images": [str(p) for p in val_paths],
+                "data_root": str(data_root),
+                **(extra or {}),
+            }),
+            path,
+        )
+
+    model.train()
+    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="train", unit="step", disable=not show_progress)
+    losses: dict[str, float] = {}
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        batch = torch.randint(len(train_images), (tc.batch_size,), generator=generator)
+        features = EncoderFeatures(train_features.taps[batch], train_features.descriptor[batch])
+        logits, weights, outputs = model.run_experts(
+            features, train_images[batch].float(), with_loss=True,
+            easy_fraction=config.loss.hard_mining_easy_fraction, easy_scale=config.loss.hard_mining_easy_scale,
+        )
+        expert_losses = torch.stack([o.loss for o in outputs], dim=1)  # [B, E]
+        rec = routed_reconstruction(expert_losses, weights, level_scales)
+        esb, esb_parts = expert_selection_balancing(logits, weights, config.loss.capacity_weight, config.loss.z_weight)
+        eir = torch.zeros(())
+        pairs = []
+        for level, estimator in estimators.items():
+            i, j = torch.randperm(len(expert_index[level]), generator=generator)[:2].tolist()
+            x, y = outputs[expert_index[level][i]].representation, outputs[expert_index[level][j]].representation
+            eir = eir + estimator.upper_bound(x, y)
+            pairs.append((estimator, x.detach(), y.detach()))
+        total = rec + config.loss.eir_weight * eir + config.loss.esb_weight * esb
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), tc.grad_clip)
+        optimizer.step()
+        if estimator_optimizer is not None:
+            # CLUB alternation: the estimator maximises log q(y|x) on detached representations.
+            estimator_optimizer.zero_grad(set_to_none=True)
+            (-sum(est.log_likelihood(x, y) for est, x, y in pairs)).backward()
+            estimator_optimizer.step()
+        per_level = {
+            f"rec_{level}": float(expert_losses[:, idx].mean()) for level, idx in expert_index.items() if idx
+        }
+        losses = {"total": float(total), "rec": float(rec), "eir": float(eir), "esb": float(esb), **per_level, **esb_parts}
+        history.append({"step": step + 1, **losses, "elapsed_s": elapsed_before + time.time() - loop_started})
+        bar.set_postfix(rec=f"{losses['rec']:.4f}", eir=f"{losses['eir']:.3f}", esb=f"{losses['esb']:.3f}")
+        if (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
+            save(resume_path, step + 1)
+    bar.close()
+
+    model.eval()
+    calibration = calibrate_normalisation(model, val_features, val_images, config)
+    usage = _routing_usage(model, train_features, train_images)
+    final = out_dir / FINAL_NAME
+    save(final, tc.steps, {"calibration": calibration, "routing_usage": usage, "train_seconds": time.time() - started})
+    save(resume_path, tc.steps)
+    config.save_yaml(out_dir / "config.yaml")
+    (out_dir / "history.json").write_text(json.dumps(history))
+    return TrainResult(final, tc.steps, time.time() - started, losses)
+
+
+@torch.no_grad()
+def _routing_usage(model: AnomalyMoE, features: EncoderFeatures, images: torch.Tensor) -> dict:
+    """How often each expert is among the top-k on the training images, and the mean weight it gets."""
+    _, weights = model.router(features.descriptor)
+    selected = (weights > 0).float()
+    return {
+        "selected_share": selected.mean(dim=0).tolist(),
+        "mean_weight": weights.mean(dim=0).tolist(),
+        "experts": list(model.expert_levels),
+    }
