@@ -177,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ev.set_defaults(func=cmd_eval)
 
-    info = verbs.add_parser("info", help="show what a checkpoint holds", description="Print a checkpoint's version, config, normalisation and routing statistics.")
+    info = verbs.add_parser(
+        "info",
+        help="show what a checkpoint holds",
+        description="Print a checkpoint's SDK version, training step, data, parameter counts, the per-expert map "
+        "normalisation measured on validation images, how often the router picks each expert, and the full config.",
+        epilog="example: amoe info runs/weave  (or runs/weave/model.pt; --json for scripts)",
+    )
     info.add_argument("path", type=Path, help="run folder or checkpoint file")
     info.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     info.set_defaults(func=cmd_info)

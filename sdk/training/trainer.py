@@ -195,7 +195,9 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
         pairs = []
         for level, estimator in estimators.items():
             i, j = torch.randperm(len(expert_index[level]), generator=generator)[:2].tolist()
-            x, y = outputs[expert_index[level][i]].representation, outputs[expert_index[level][j]].representation
+            # Unit-normalised: on raw representations the experts could drive the bound down by scaling them up.
+            x = torch.nn.functional.normalize(outputs[expert_index[level][i]].representation, dim=1)
+            y = torch.nn.functional.normalize(outputs[expert_index[level][j]].representation, dim=1)
             eir = eir + estimator.upper_bound(x, y)
             pairs.append((estimator, x.detach(), y.detach()))
         total = rec + config.loss.eir_weight * eir + config.loss.esb_weight * esb
@@ -209,7 +211,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
             (-sum(est.log_likelihood(x, y) for est, x, y in pairs)).backward()
             estimator_optimizer.step()
         per_level = {
-            f"rec_{level}": float(expert_losses[:, idx].mean()) for level, idx in expert_index.items() if idx
+            f"rec_{level}": expert_losses[:, idx].mean().item() for level, idx in expert_index.items() if idx
         }
         losses = {"total": float(total), "rec": float(rec), "eir": float(eir), "esb": float(esb), **per_level, **esb_parts}
         history.append({"step": step + 1, **losses, "elapsed_s": elapsed_before + time.time() - loop_started})

@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+
+from amoe_sdk.cli.main import main
+
+
+def test_help_teaches_every_verb(capsys):
+    for verb in (["train"], ["eval"], ["info"], ["data", "sample"]):
+        try:
+            main([*verb, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0
+        text = capsys.readouterr().out
+        assert "usage: amoe" in text and len(text) > 300
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "amoe_sdk.cli.main", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "amoe-sdk" in result.stdout
+
+
+def test_info_and_eval(tiny_run, sample_root, tmp_path, capsys):
+    assert main(["info", str(tiny_run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 6 and info["finished"] and info["prototypes"][0] == 3
+    out = tmp_path / "metrics.json"
+    overlays = tmp_path / "overlays"
+    assert main(["eval", "--model", str(tiny_run), "--data", str(sample_root / "washer"), "--out", str(out), "--save-images", str(overlays)]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "per_defect"} <= set(metrics)
+    assert set(metrics["per_defect"]) == {"crack", "chip", "stain"}
+    assert len(list(overlays.rglob("*.png"))) == metrics["num_images"]
+    assert "img AUROC" in capsys.readouterr().out
+
+
+def test_errors_give_exit_codes_and_messages(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m.json")]) == 3
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 6
+    assert "amoe train" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config", str(tmp_path / "no.yaml")]) == 4
