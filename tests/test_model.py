@@ -71,7 +71,6 @@ def test_router_selects_k_and_weights_sum_to_one():
 def test_balance_loss_penalises_collapse():
     uniform_logits = torch.zeros(8, 6) + 0.01 * torch.randn(8, 6)
     collapsed_logits = torch.tensor([[9.0, 8.0, 7.0, 0.0, 0.0, 0.0]]).repeat(8, 1)
-    router = TopKRouter(1, 1, 6, 3)
 
     def esb(logits):
         values, indices = logits.topk(3, dim=1)
@@ -79,7 +78,6 @@ def test_balance_loss_penalises_collapse():
         return expert_selection_balancing(logits, weights, 1.0, 0.1)[0]
 
     assert esb(collapsed_logits) > esb(uniform_logits) + 1.0
-    del router
 
 
 def test_club_bound_is_higher_for_dependent_representations():

@@ -68,19 +68,19 @@ def fit_feature_statistics(model: AnomalyMoE, train: EncoderFeatures, config: Am
 def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig) -> dict:
     """Per-expert map statistics on normal validation images (never the test set), and their image scores."""
     model.eval()
-    maps = []
+    maps, weights = [], []
     for start in range(0, len(val_images), 16):
         chunk = EncoderFeatures(val.taps[start : start + 16], val.descriptor[start : start + 16])
-        _, _, outputs = model.run_experts(chunk, val_images[start : start + 16].float())
+        _, chunk_weights, outputs = model.run_experts(chunk, val_images[start : start + 16].float())
         maps.append(torch.cat([o.anomaly_map for o in outputs], dim=1))
-    maps = torch.cat(maps).transpose(0, 1).reshape(model.num_experts, -1)  # [E, N*G*G]
+        weights.append(chunk_weights)
+    maps, weights = torch.cat(maps), torch.cat(weights)  # [N, E, G, G], [N, E]
+    per_expert = maps.transpose(0, 1).reshape(model.num_experts, -1)  # [E, N*G*G]
     post = config.model.postprocess
-    model.map_low.copy_(torch.quantile(maps, post.norm_low_quantile, dim=1))
-    model.map_high.copy_(torch.quantile(maps, post.norm_high_quantile, dim=1))
-    scores = []
-    for start in range(0, len(val_images), 16):
-        chunk = EncoderFeatures(val.taps[start : start + 16], val.descriptor[start : start + 16])
-        scores.append(model.forward_features(chunk, val_images[start : start + 16].float()).score)
+    model.map_low.copy_(torch.quantile(per_expert, post.norm_low_quantile, dim=1))
+    model.map_high.copy_(torch.quantile(per_expert, post.norm_high_quantile, dim=1))
+    # The raw expert maps do not depend on the normalisation: fuse them again instead of re-running the experts.
+    scores = [model.postprocess(model.fuse(maps[i : i + 16], weights[i : i + 16]))[1] for i in range(0, len(maps), 16)]
     scores = torch.cat(scores)
     return {
         "map_low": model.map_low.tolist(),
@@ -222,7 +222,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
 
     model.eval()
     calibration = calibrate_normalisation(model, val_features, val_images, config)
-    usage = _routing_usage(model, train_features, train_images)
+    usage = _routing_usage(model, train_features)
     final = out_dir / FINAL_NAME
     save(final, tc.steps, {"calibration": calibration, "routing_usage": usage, "train_seconds": time.time() - started})
     save(resume_path, tc.steps)
@@ -232,7 +232,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
 
 
 @torch.no_grad()
-def _routing_usage(model: AnomalyMoE, features: EncoderFeatures, images: torch.Tensor) -> dict:
+def _routing_usage(model: AnomalyMoE, features: EncoderFeatures) -> dict:
     """How often each expert is among the top-k on the training images, and the mean weight it gets."""
     _, weights = model.router(features.descriptor)
     selected = (weights > 0).float()
