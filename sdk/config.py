@@ -88,8 +88,13 @@ class PostprocessConfig:
     Each expert's map is normalised as (map - lo) / (hi - lo), with lo and hi the ``norm_low_quantile`` and
     ``norm_high_quantile`` of its values on normal validation images. The fused map is upsampled to the input
     size, Gaussian-blurred, and the image score is the mean of its top ``top_percent`` % pixels.
+
+    ``level_weights`` (patch, component, global) weigh the per-level maps in the fused map. They are fixed, not
+    routed: the router is trained on normal images only, so it cannot know which level will see a defect, and
+    each level's map is already on the same normalised scale.
     """
 
+    level_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     norm_low_quantile: float = 0.5
     norm_high_quantile: float = 0.999
     blur_kernel: int = 5
@@ -114,8 +119,9 @@ class ModelConfig:
 class LossConfig:
     """Loss weights: L = L_rec + eir_weight * L_EIR + esb_weight * L_ESB.
 
-    L_rec is the routing-weighted sum of per-expert losses; global and component losses are scaled by
-    ``global_scale`` and ``component_scale``. Patch experts use hard mining: the gradient of the easiest
+    L_rec is the routing-weighted sum of per-expert losses (global and component losses scaled by
+    ``global_scale`` and ``component_scale``); the router learns from each expert's loss relative to its
+    level's mean, so that the scales do not decide the routing. Patch experts use hard mining: the gradient of the easiest
     ``hard_mining_easy_fraction`` of positions is multiplied by ``hard_mining_easy_scale``. L_ESB is
     importance + ``capacity_weight`` * capacity + ``z_weight`` * z-loss.
     """
@@ -210,6 +216,12 @@ def validate_config(config: AmoeConfig) -> None:
         raise ConfigError("train.steps and train.batch_size must be positive")
     if not 0.0 <= model.postprocess.norm_low_quantile < model.postprocess.norm_high_quantile <= 1.0:
         raise ConfigError("postprocess quantiles must satisfy 0 <= norm_low_quantile < norm_high_quantile <= 1")
+    level_weights = model.postprocess.level_weights
+    if len(level_weights) != 3 or min(level_weights) < 0 or sum(level_weights) <= 0:
+        raise ConfigError(
+            f"postprocess.level_weights={level_weights} must be three non-negative numbers (patch, component, global) "
+            "with a positive sum"
+        )
 
 
 def _to_plain(obj: Any) -> Any:

@@ -34,3 +34,33 @@ class CheckpointError(AmoeError):
     """A checkpoint that is missing, truncated or written by an incompatible SDK version."""
 
     exit_code = 6
+
+
+class BundleError(AmoeError):
+    """A bundle that is missing, truncated, tampered with or written by a newer SDK."""
+
+    exit_code = 7
+
+
+class ConversionError(AmoeError):
+    """A conversion that cannot produce a correct artifact (an unsupported op, a refused folding)."""
+
+    exit_code = 8
+
+
+class BackendError(AmoeError):
+    """An inference backend or device that is not installed or not present on this machine."""
+
+    exit_code = 9
+
+
+class InputError(AmoeError):
+    """A frame the runtime cannot take: wrong dtype, channel count, or empty."""
+
+    exit_code = 10
+
+
+class ParityError(AmoeError):
+    """An artifact whose outputs differ from the PyTorch reference beyond tolerance."""
+
+    exit_code = 11

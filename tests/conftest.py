@@ -55,3 +55,19 @@ def tiny_run(sample_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train(sample_root / "washer", out, tiny_config(**{"train.steps": 6, "train.checkpoint_every": 3}), show_progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(tiny_run, tmp_path_factory):
+    """The tiny run converted for ONNX Runtime, dense routing."""
+    from amoe_sdk.converters.convert import ConvertOptions, convert
+
+    return convert(tiny_run, tmp_path_factory.mktemp("bundles") / "tiny-onnx", ConvertOptions(target="onnx"))
+
+
+@pytest.fixture(scope="session")
+def intel_bundle(tiny_run, tmp_path_factory):
+    """The tiny run converted for OpenVINO, dense routing."""
+    from amoe_sdk.converters.convert import ConvertOptions, convert
+
+    return convert(tiny_run, tmp_path_factory.mktemp("bundles") / "tiny-ov", ConvertOptions(target="intel"))

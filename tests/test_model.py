@@ -10,7 +10,7 @@ from amoe_sdk.models.encoders import build_encoder
 from amoe_sdk.models.experts import PatchExpert
 from amoe_sdk.models.lite0_weights import load_lite0_state_dict
 from amoe_sdk.models.router import TopKRouter
-from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing
+from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
 
 from conftest import tiny_config
 
@@ -80,6 +80,20 @@ def test_balance_loss_penalises_collapse():
     assert esb(collapsed_logits) > esb(uniform_logits) + 1.0
 
 
+def test_router_learns_from_relative_not_raw_losses():
+    # Expert 0 (patch, scale 1) beats its level mate; expert 2 (component, scale 0.1) loses to its mate but has the
+    # smallest raw loss. The router must be pushed towards expert 0, not towards the numerically cheap level.
+    losses = torch.tensor([[0.5, 1.0, 0.2, 0.1]])
+    level_of_expert = torch.tensor([0, 0, 1, 1])
+    scales = torch.tensor([1.0, 1.0, 0.1, 0.1])
+    logits = torch.zeros(1, 4, requires_grad=True)
+    weights = torch.zeros(1, 4).scatter(1, torch.tensor([[0, 2]]), logits[:, [0, 2]].softmax(dim=1))
+    experts_term, router_term = routed_reconstruction(losses, weights, scales, level_of_expert)
+    (gradient,) = torch.autograd.grad(router_term, logits)
+    assert gradient[0, 0] < 0 < gradient[0, 2]  # descending raises expert 0's logit and lowers expert 2's
+    assert torch.isclose(experts_term, torch.tensor(0.5 * 0.5 + 0.5 * 0.2 * 0.1))
+
+
 def test_club_bound_is_higher_for_dependent_representations():
     torch.manual_seed(0)
     estimator = ClubEstimator(4, 32)
@@ -112,9 +126,33 @@ def test_hard_mining_scales_gradients_of_easy_positions():
 def test_empty_component_slot_gives_no_nan():
     assigner = ComponentAssigner(num_slots=3, channels=4, grid_size=2)
     assigner.prototypes.copy_(torch.tensor([[0.0] * 4, [100.0] * 4, [-100.0] * 4]))
-    features, areas, masks = assigner(torch.zeros(1, 4, 4))
-    assert torch.isfinite(features).all()
-    assert areas.tolist() == [[1.0, 0.0, 0.0]] and masks.sum() == 4
+    slots = assigner(torch.zeros(1, 4, 4))
+    assert torch.isfinite(slots.features).all() and torch.isfinite(slots.centroids).all()
+    assert slots.areas.tolist() == [[1.0, 0.0, 0.0]] and slots.masks.sum() == 4
+
+
+def test_component_centroids_follow_the_component():
+    assigner = ComponentAssigner(num_slots=2, channels=1, grid_size=4)
+    assigner.prototypes.copy_(torch.tensor([[0.0], [10.0]]))
+    tokens = torch.zeros(1, 16, 1)
+    tokens[0, [0, 1, 4, 5]] = 10.0  # slot 1 holds the top-left 2x2 block
+    slots = assigner(tokens)
+    x, y = slots.centroids[0, 1].tolist()
+    assert x < -0.3 and y < -0.3  # grid coordinates run from -1 (left / top) to 1
+    assert slots.areas[0, 1] == 0.25
+
+
+def test_fusion_keeps_a_level_that_the_top_k_left_out(tiny_model):
+    e = tiny_model.num_experts
+    g = tiny_model.grid_size
+    maps = torch.zeros(1, e, g, g)
+    global_experts = [i for i, level in enumerate(tiny_model.expert_levels) if level == "global"]
+    maps[0, global_experts, 0, 0] = 100.0  # only the global level sees the defect
+    logits = torch.zeros(1, e)
+    weights = torch.zeros(1, e)
+    weights[0, 0] = 1.0  # the router picked one patch expert and no global one
+    fused = tiny_model.fuse(maps, logits, weights)
+    assert fused[0, 0, 0, 0] > fused[0, 0, 1, 1] + 1.0
 
 
 def test_inference_has_no_data_dependent_control_flow(tiny_model):

@@ -3,10 +3,12 @@
     amoe data sample OUT            write the procedural sample dataset (MVTec AD layout)
     amoe train --data DIR --out RUN train a detector on normal images (resumable)
     amoe eval --model RUN --data DIR --out metrics.json [--save-images DIR]
-    amoe info RUN                   what a checkpoint holds
+    amoe convert --checkpoint RUN --target onnx|intel|jetson --out BUNDLE
+    amoe verify BUNDLE --data DIR   the artifact against its PyTorch reference
+    amoe info RUN|BUNDLE            what a checkpoint or a bundle holds
 
-Exit codes: 0 success, 2 usage error, 3 bad data, 4 bad config, 5 encoder weights, 6 checkpoint, 1 other
-SDK errors. Errors print one message that names the file and the fix, not a traceback.
+Exit codes: 0 success, 2 usage error, 3 bad data, 4 bad config, 5 encoder weights, 6 checkpoint, 7 bundle,
+8 conversion, 9 backend / device, 10 input frame, 11 parity beyond tolerance, 1 other SDK errors. Errors print one message that names the file and the fix, not a traceback.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from amoe_sdk.checkpoint import read_checkpoint
 
+    if (Path(args.path) / "manifest.json").is_file():
+        return _info_bundle(args)
     payload = read_checkpoint(args.path)
     summary = {
         "checkpoint": str(payload["path"]),
@@ -107,6 +111,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         "prototypes": list(payload["state_dict"]["assigner.prototypes"].shape),
         "config": payload["config"],
     }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    import yaml
+
+    print(yaml.safe_dump(summary, sort_keys=False, width=120))
+    return 0
+
+
+def _info_bundle(args: argparse.Namespace) -> int:
+    from amoe_sdk.runtimes.bundle import REPORT_NAME, read_bundle
+
+    bundle = read_bundle(args.path)
+    summary = dict(bundle.manifest)
+    report = bundle.root / REPORT_NAME
+    summary["parity_report"] = json.loads(report.read_text()) if report.is_file() else "not verified yet: run amoe verify"
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -177,14 +197,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ev.set_defaults(func=cmd_eval)
 
+    from amoe_sdk.converters.cli import CONVERT_DESCRIPTION, CONVERT_EXAMPLES, add_convert_arguments, add_verify_arguments, cmd_convert, cmd_verify
+
+    conv = verbs.add_parser(
+        "convert", help="export a run to an ONNX / OpenVINO / TensorRT bundle", description=CONVERT_DESCRIPTION,
+        epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_convert_arguments(conv)
+    conv.set_defaults(func=cmd_convert)
+
+    ver = verbs.add_parser(
+        "verify",
+        help="compare a bundle with its PyTorch reference",
+        description="Run the bundle's artifact and the PyTorch model it came from on the same images: score and map "
+        "differences, map correlation, label flips at the threshold, image AUROC of both. Writes "
+        "BUNDLE/parity_report.json; exits 11 when an FP32 artifact is beyond tolerance (FP16 is reported only).",
+        epilog="example: amoe verify bundles/kit-onnx --data data/sample/kit",
+    )
+    add_verify_arguments(ver)
+    ver.set_defaults(func=cmd_verify)
+
     info = verbs.add_parser(
         "info",
-        help="show what a checkpoint holds",
-        description="Print a checkpoint's SDK version, training step, data, parameter counts, the per-expert map "
-        "normalisation measured on validation images, how often the router picks each expert, and the full config.",
-        epilog="example: amoe info runs/weave  (or runs/weave/model.pt; --json for scripts)",
+        help="show what a checkpoint or a bundle holds",
+        description="For a run: its SDK version, training step, data, parameter counts, the per-expert map "
+        "normalisation measured on validation images, how often the router picks each expert, and the full config. "
+        "For a bundle (after checking its checksums): its manifest and parity report.",
+        epilog="example: amoe info runs/weave  (or runs/weave/model.pt, or a bundle folder; --json for scripts)",
     )
-    info.add_argument("path", type=Path, help="run folder or checkpoint file")
+    info.add_argument("path", type=Path, help="run folder, checkpoint file or bundle folder")
     info.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     info.set_defaults(func=cmd_info)
     return parser

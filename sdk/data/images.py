@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from amoe_sdk.errors import DataError
+from amoe_sdk.runtimes.preprocess import resize_to_input
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -81,7 +82,5 @@ def read_mask(path: str | Path, expected_shape: tuple[int, int] | None = None, i
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a BGR image to ``size`` x ``size`` the way the edge runtime does (bilinear, OpenCV)."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
+    """Resize a BGR image to ``size`` x ``size`` exactly as the edge runtime does."""
+    return resize_to_input(image, size)

@@ -6,20 +6,40 @@ computed in the forward pass with a fixed number of slots (no offline segmentati
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 
+@dataclass
+class ComponentSlots:
+    """``features``: [B, K, C] mean token per slot; ``areas``: [B, K] share of the grid; ``centroids``: [B, K, 2]
+    mean (x, y) in [-1, 1] (0 for an empty slot); ``masks``: [B, K, G, G] one-hot assignment."""
+
+    features: torch.Tensor
+    areas: torch.Tensor
+    centroids: torch.Tensor
+    masks: torch.Tensor
+
+
 class ComponentAssigner(nn.Module):
-    """``forward(tokens [B, N, C])`` -> (slot_features [B, K, C], areas [B, K], masks [B, K, G, G])."""
+    """``forward(tokens [B, N, C])`` -> ``ComponentSlots``.
+
+    Centroids are kept because a component in the wrong place (two parts swapped) has normal features and a
+    normal area: only its position gives it away.
+    """
 
     def __init__(self, num_slots: int, channels: int, grid_size: int):
         super().__init__()
         self.grid_size = grid_size
         self.register_buffer("prototypes", torch.zeros(num_slots, channels))
         self.register_buffer("slot_ids", torch.arange(num_slots), persistent=False)
+        axis = torch.linspace(-1.0, 1.0, grid_size)
+        yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+        self.register_buffer("coords", torch.stack([xx.flatten(), yy.flatten()], dim=1), persistent=False)  # [N, 2]
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor) -> ComponentSlots:
         b, n, _ = tokens.shape
         # Squared distance up to the per-token constant ||x||^2, which does not change the argmin.
         scores = tokens @ self.prototypes.t() * 2.0 - (self.prototypes**2).sum(dim=1)  # [B, N, K]
@@ -27,9 +47,11 @@ class ComponentAssigner(nn.Module):
         onehot = (nearest == self.slot_ids).to(tokens.dtype).transpose(1, 2)  # [B, K, N]
         counts = onehot.sum(dim=2)  # [B, K]
         # clamp_min, not "+ 1e-8": an exporter may drop a tiny additive constant and turn 0/0 into NaN.
-        slot_features = (onehot @ tokens) / counts.clamp_min(1.0).unsqueeze(-1)
+        denominator = counts.clamp_min(1.0).unsqueeze(-1)
+        slot_features = (onehot @ tokens) / denominator
+        centroids = (onehot @ self.coords) / denominator
         masks = onehot.view(b, -1, self.grid_size, self.grid_size)
-        return slot_features, counts / n, masks
+        return ComponentSlots(slot_features, counts / n, centroids, masks)
 
 
 def kmeans(points: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:

@@ -25,12 +25,20 @@ LEVELS = ("patch", "component", "global")
 @dataclass
 class DetectorOutput:
     """``anomaly_map``: [B, 1, S, S] normalised map at the input size; ``score``: [B] image scores;
-    ``routing_weights``: [B, E]; ``expert_maps``: [B, E, G, G] raw (un-normalised) per-expert maps."""
+    ``routing_weights``: [B, E]; ``router_logits``: [B, E]; ``expert_maps``: [B, E, G, G] raw (un-normalised)
+    per-expert maps."""
 
     anomaly_map: torch.Tensor
     score: torch.Tensor
     routing_weights: torch.Tensor
+    router_logits: torch.Tensor
     expert_maps: torch.Tensor
+
+
+def upsample_and_score(grid_map: torch.Tensor, blur: nn.Module, size: int, top_percent: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 1, G, G] fused map -> (map [B, 1, S, S] upsampled and blurred, score [B] = mean of its top pixels)."""
+    full = blur(F.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=False))
+    return full, top_percent_mean(full, top_percent)
 
 
 class AnomalyMoE(nn.Module):
@@ -71,6 +79,9 @@ class AnomalyMoE(nn.Module):
         for e, level in enumerate(self.expert_levels):
             level_matrix[LEVELS.index(level), e] = 1.0
         self.register_buffer("level_matrix", level_matrix, persistent=False)  # [L, E]
+        present = level_matrix.sum(dim=1) > 0
+        level_weights = torch.tensor(config.postprocess.level_weights, dtype=torch.float32) * present
+        self.register_buffer("level_weights", level_weights / level_weights.sum().clamp_min(FP16_SAFE_EPS), persistent=False)
         # Per-expert map normalisation, measured on normal validation images after training.
         self.register_buffer("map_low", torch.zeros(num_experts))
         self.register_buffer("map_high", torch.ones(num_experts))
@@ -114,41 +125,48 @@ class AnomalyMoE(nn.Module):
             expert(tokens, easy_fraction if with_loss else None, easy_scale) for expert in self.patch_experts
         ]
         if len(self.component_experts):
-            slot_features, areas, masks = self.assigner(tokens)
-            outputs += [expert(slot_features, areas, masks, training=with_loss) for expert in self.component_experts]
+            slots = self.assigner(tokens)
+            outputs += [expert(slots, training=with_loss) for expert in self.component_experts]
         if len(self.global_experts):
             b, n, c = tokens.shape
             target = tokens.transpose(1, 2).reshape(b, c, self.grid_size, self.grid_size) if with_loss else None
             outputs += [expert(images_bgr, target) for expert in self.global_experts]
         return logits, weights, outputs
 
-    def fuse(self, expert_maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Routed fusion on the grid: [B, E, G, G] raw maps, [B, E] weights -> [B, 1, G, G].
+    def fusion_weights(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """How much each expert's normalised map counts in the fused map: [B, E] logits and weights -> [B, E].
 
-        Each expert's map is normalised with its validation statistics; within a level the selected experts'
-        maps are averaged by their routing weights; each level counts with its largest routing weight.
+        Within a level, the selected experts count by their routing weights (renormalised over the level); a
+        level none of whose experts made the top-k uses the softmax of its own logits, so no level drops out of
+        the map. Each level then counts with its fixed ``level_weights`` share.
         """
+        in_level = self.level_matrix.unsqueeze(0)  # [1, L, E]
+        per_level = weights.unsqueeze(1) * in_level  # [B, L, E]
+        level_total = per_level.sum(dim=2, keepdim=True)
+        # -1e4 rather than -inf: stays finite in FP16 and in every exporter.
+        level_softmax = (logits.unsqueeze(1) + (in_level - 1.0) * 1e4).softmax(dim=2) * in_level
+        within = torch.where(level_total > 0, per_level / level_total.clamp_min(FP16_SAFE_EPS), level_softmax)
+        return (self.level_weights.view(1, -1, 1) * within).sum(dim=1)
+
+    def normalise_maps(self, expert_maps: torch.Tensor) -> torch.Tensor:
+        """[B, E, G, G] raw maps -> the same, normalised with each expert's validation statistics."""
         span = (self.map_high - self.map_low).clamp_min(FP16_SAFE_EPS)
-        normed = (expert_maps - self.map_low.view(1, -1, 1, 1)) / span.view(1, -1, 1, 1)
-        # [B, L, E]: routing weights split by level
-        per_level = weights.unsqueeze(1) * self.level_matrix.unsqueeze(0)
-        level_weight = per_level.max(dim=2).values  # [B, L]
-        within = per_level / per_level.sum(dim=2, keepdim=True).clamp_min(FP16_SAFE_EPS)
-        b, e, g, _ = normed.shape
-        level_maps = (within @ normed.reshape(b, e, g * g)).reshape(b, -1, g, g)
-        return (level_weight.view(*level_weight.shape, 1, 1) * level_maps).sum(dim=1, keepdim=True)
+        return (expert_maps - self.map_low.view(1, -1, 1, 1)) / span.view(1, -1, 1, 1)
+
+    def fuse(self, expert_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Routed fusion on the grid: [B, E, G, G] raw maps, [B, E] router logits and weights -> [B, 1, G, G]."""
+        fusion = self.fusion_weights(logits, weights)
+        return (fusion.view(*fusion.shape, 1, 1) * self.normalise_maps(expert_maps)).sum(dim=1, keepdim=True)
 
     def postprocess(self, grid_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 1, G, G] -> (map [B, 1, S, S] upsampled and blurred, score [B])."""
-        size = self.config.input_size
-        full = self.blur(F.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=False))
-        return full, top_percent_mean(full, self.config.postprocess.top_percent)
+        return upsample_and_score(grid_map, self.blur, self.config.input_size, self.config.postprocess.top_percent)
 
     def forward_features(self, features: EncoderFeatures, images_bgr: torch.Tensor) -> DetectorOutput:
-        _, weights, outputs = self.run_experts(features, images_bgr)
+        logits, weights, outputs = self.run_experts(features, images_bgr)
         expert_maps = torch.cat([o.anomaly_map for o in outputs], dim=1)  # [B, E, G, G]
-        anomaly_map, score = self.postprocess(self.fuse(expert_maps, weights))
-        return DetectorOutput(anomaly_map, score, weights, expert_maps)
+        anomaly_map, score = self.postprocess(self.fuse(expert_maps, logits, weights))
+        return DetectorOutput(anomaly_map, score, weights, logits, expert_maps)
 
     def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:
         return self.forward_features(self.encoder(images_bgr), images_bgr)

@@ -47,7 +47,8 @@ class Preprocess(nn.Module):
 
 def resample_to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, C, grid, grid]: average pooling to shrink by a whole factor, bilinear otherwise."""
-    h, w = x.shape[-2:]
+    # int(): static sizes, so that an exporter records constants (pooling kernels must be constant in ONNX).
+    h, w = int(x.shape[-2]), int(x.shape[-1])
     if (h, w) == (grid, grid):
         return x
     if h > grid and h % grid == 0 and w % grid == 0:

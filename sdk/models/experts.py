@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from amoe_sdk.config import ComponentExpertConfig, GlobalExpertConfig, PatchExpertConfig
+from amoe_sdk.models.components import ComponentSlots
 from amoe_sdk.models.encoders import resample_to_grid
 from amoe_sdk.models.layers import FP16_SAFE_EPS, LinearAttentionBlock, Mlp
 
@@ -79,35 +80,40 @@ class PatchExpert(nn.Module):
 
 
 class ComponentExpert(nn.Module):
-    """An MLP autoencoder over component descriptors: per slot, the mean feature inside its mask and its area.
+    """An MLP autoencoder over component descriptors: per slot, its mean feature, area and centroid.
 
-    ``forward(slot_features [B, K, C], areas [B, K], masks [B, K, G, G])``. A slot's score is the cosine
-    distance of its feature (when the slot is present) plus ``area_weight`` times the squared error of
-    sqrt(area); the map paints each slot's score over its mask.
+    ``forward(slots: ComponentSlots)``. A slot's score is the cosine distance of its feature plus
+    ``area_weight`` times the squared errors of its sqrt(area) and of its centroid (feature and centroid only
+    when the slot is present); the map paints each slot's score over its mask, and an absent part's score,
+    which has no mask, over the whole grid.
     """
 
     def __init__(self, config: ComponentExpertConfig, channels: int):
         super().__init__()
         self.num_slots = config.num_slots
         self.area_weight = config.area_weight
-        in_dim = channels + 1 + config.num_slots  # feature, sqrt(area), slot identity
+        in_dim = channels + 3 + config.num_slots  # feature, sqrt(area), centroid, slot identity
         self.encoder = Mlp(in_dim, config.hidden_dim, config.code_dim)
-        self.decoder = Mlp(config.code_dim, config.hidden_dim, channels + 1)
+        self.decoder = Mlp(config.code_dim, config.hidden_dim, channels + 3)
         self.register_buffer("slot_identity", torch.eye(config.num_slots), persistent=False)
 
-    def forward(self, slot_features: torch.Tensor, areas: torch.Tensor, masks: torch.Tensor, training: bool = False) -> ExpertOutput:
-        b, k, c = slot_features.shape
-        root_area = areas.sqrt().unsqueeze(-1)  # [B, K, 1]
+    def forward(self, slots: ComponentSlots, training: bool = False) -> ExpertOutput:
+        b, k, c = slots.features.shape
+        root_area = slots.areas.sqrt().unsqueeze(-1)  # [B, K, 1]
         identity = self.slot_identity.unsqueeze(0).expand(b, k, k)
-        code = self.encoder(torch.cat([slot_features, root_area, identity], dim=-1))  # [B, K, code]
+        code = self.encoder(torch.cat([slots.features, root_area, slots.centroids, identity], dim=-1))  # [B, K, code]
         recon = self.decoder(code)
-        feature_error = cosine_distance(slot_features, recon[..., :c], dim=-1)  # [B, K]
-        present = (areas > 0).to(feature_error.dtype)
+        feature_error = cosine_distance(slots.features, recon[..., :c], dim=-1)  # [B, K]
+        present = (slots.areas > 0).to(feature_error.dtype)
         area_error = (root_area.squeeze(-1) - recon[..., c]) ** 2
-        slot_scores = present * feature_error + self.area_weight * area_error  # [B, K]
-        anomaly_map = (slot_scores.view(b, k, 1, 1) * masks).sum(dim=1, keepdim=True)
+        centroid_error = ((slots.centroids - recon[..., c + 1 :]) ** 2).sum(dim=-1)
+        shape_error = self.area_weight * (area_error + present * centroid_error)
+        slot_scores = present * feature_error + shape_error  # [B, K]
+        # An absent slot has no pixels to paint: its area error goes over the whole image instead.
+        painted = (slot_scores.view(b, k, 1, 1) * slots.masks).sum(dim=1, keepdim=True)
+        missing = ((1.0 - present) * shape_error).sum(dim=1).view(b, 1, 1, 1)
         loss = slot_scores.mean(dim=1) if training else None
-        return ExpertOutput(anomaly_map, loss, code.mean(dim=1))
+        return ExpertOutput(painted + missing, loss, code.mean(dim=1))
 
 
 class GlobalExpert(nn.Module):

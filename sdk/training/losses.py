@@ -8,12 +8,28 @@ import torch.nn as nn
 from amoe_sdk.models.layers import Mlp
 
 
-def routed_reconstruction(expert_losses: torch.Tensor, weights: torch.Tensor, level_scales: torch.Tensor) -> torch.Tensor:
-    """L_rec = mean over images of sum_e w_e * scale_e * loss_e.
+def routed_reconstruction(
+    expert_losses: torch.Tensor, weights: torch.Tensor, level_scales: torch.Tensor, level_of_expert: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed reconstruction loss, split into what trains the experts and what trains the router.
 
-    expert_losses, weights: [B, E]; level_scales: [E] (1 for patch experts, the paper's 0.1 for the others).
+    expert_losses, weights: [B, E]; level_scales: [E] (1 for patch experts, the paper's 0.1 for the others);
+    level_of_expert: [E] level index of each expert.
+
+    -> (experts_term, router_term). ``experts_term`` = mean over images of sum_e w_e * scale_e * loss_e, with w
+    held fixed: each expert learns from the images routed to it. ``router_term`` = mean of sum_e w_e * r_e with
+    r_e the expert's loss over its level's batch mean, minus 1, held fixed: the router prefers experts that
+    reconstruct an image better than their level does on average. Comparing raw losses instead would send every
+    image to the level whose loss happens to be numerically smallest (the component level, in practice), and
+    the other levels would stop learning.
     """
-    return (weights * expert_losses * level_scales).sum(dim=1).mean()
+    experts_term = (weights.detach() * expert_losses * level_scales).sum(dim=1).mean()
+    with torch.no_grad():
+        one_hot = torch.nn.functional.one_hot(level_of_expert, int(level_of_expert.max()) + 1).to(expert_losses.dtype)
+        level_mean = expert_losses.mean(dim=0) @ one_hot / one_hot.sum(dim=0).clamp_min(1.0)  # [L]
+        relative = expert_losses / level_mean[level_of_expert].clamp_min(1e-8) - 1.0
+    router_term = (weights * relative).sum(dim=1).mean()
+    return experts_term, router_term
 
 
 class ClubEstimator(nn.Module):

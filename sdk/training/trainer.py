@@ -68,19 +68,23 @@ def fit_feature_statistics(model: AnomalyMoE, train: EncoderFeatures, config: Am
 def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig) -> dict:
     """Per-expert map statistics on normal validation images (never the test set), and their image scores."""
     model.eval()
-    maps, weights = [], []
+    maps, logits, weights = [], [], []
     for start in range(0, len(val_images), 16):
         chunk = EncoderFeatures(val.taps[start : start + 16], val.descriptor[start : start + 16])
-        _, chunk_weights, outputs = model.run_experts(chunk, val_images[start : start + 16].float())
+        chunk_logits, chunk_weights, outputs = model.run_experts(chunk, val_images[start : start + 16].float())
         maps.append(torch.cat([o.anomaly_map for o in outputs], dim=1))
+        logits.append(chunk_logits)
         weights.append(chunk_weights)
-    maps, weights = torch.cat(maps), torch.cat(weights)  # [N, E, G, G], [N, E]
+    maps, logits, weights = torch.cat(maps), torch.cat(logits), torch.cat(weights)  # [N, E, G, G], [N, E], [N, E]
     per_expert = maps.transpose(0, 1).reshape(model.num_experts, -1)  # [E, N*G*G]
     post = config.model.postprocess
     model.map_low.copy_(torch.quantile(per_expert, post.norm_low_quantile, dim=1))
     model.map_high.copy_(torch.quantile(per_expert, post.norm_high_quantile, dim=1))
     # The raw expert maps do not depend on the normalisation: fuse them again instead of re-running the experts.
-    scores = [model.postprocess(model.fuse(maps[i : i + 16], weights[i : i + 16]))[1] for i in range(0, len(maps), 16)]
+    scores = [
+        model.postprocess(model.fuse(maps[i : i + 16], logits[i : i + 16], weights[i : i + 16]))[1]
+        for i in range(0, len(maps), 16)
+    ]
     scores = torch.cat(scores)
     return {
         "map_low": model.map_low.tolist(),
@@ -126,9 +130,9 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
     generator = torch.Generator().manual_seed(tc.seed)
     fit_feature_statistics(model, train_features, config, generator)
 
-    levels = [LEVELS.index(level) for level in model.expert_levels]
+    level_of_expert = torch.tensor([LEVELS.index(level) for level in model.expert_levels])
     scale_by_level = torch.tensor([1.0, config.loss.component_scale, config.loss.global_scale])
-    level_scales = scale_by_level[levels]
+    level_scales = scale_by_level[level_of_expert]
     estimators = torch.nn.ModuleDict()
     for level, experts in (("patch", model.patch_experts), ("component", model.component_experts), ("global", model.global_experts)):
         if len(experts) >= 2:
@@ -189,7 +193,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
             easy_fraction=config.loss.hard_mining_easy_fraction, easy_scale=config.loss.hard_mining_easy_scale,
         )
         expert_losses = torch.stack([o.loss for o in outputs], dim=1)  # [B, E]
-        rec = routed_reconstruction(expert_losses, weights, level_scales)
+        rec, router_rec = routed_reconstruction(expert_losses, weights, level_scales, level_of_expert)
         esb, esb_parts = expert_selection_balancing(logits, weights, config.loss.capacity_weight, config.loss.z_weight)
         eir = torch.zeros(())
         pairs = []
@@ -200,7 +204,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
             y = torch.nn.functional.normalize(outputs[expert_index[level][j]].representation, dim=1)
             eir = eir + estimator.upper_bound(x, y)
             pairs.append((estimator, x.detach(), y.detach()))
-        total = rec + config.loss.eir_weight * eir + config.loss.esb_weight * esb
+        total = rec + router_rec + config.loss.eir_weight * eir + config.loss.esb_weight * esb
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), tc.grad_clip)
@@ -213,7 +217,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
         per_level = {
             f"rec_{level}": expert_losses[:, idx].mean().item() for level, idx in expert_index.items() if idx
         }
-        losses = {"total": float(total), "rec": float(rec), "eir": float(eir), "esb": float(esb), **per_level, **esb_parts}
+        losses = {"total": total.item(), "rec": rec.item(), "router": router_rec.item(), "eir": eir.item(), "esb": esb.item(), **per_level, **esb_parts}
         history.append({"step": step + 1, **losses, "elapsed_s": elapsed_before + time.time() - loop_started})
         bar.set_postfix(rec=f"{losses['rec']:.4f}", eir=f"{losses['eir']:.3f}", esb=f"{losses['esb']:.3f}")
         if (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:

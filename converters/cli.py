@@ -1,0 +1,122 @@
+"""``amoe-convert`` (also ``amoe convert``) and ``amoe verify``: argument parsing and the commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from amoe_sdk.errors import AmoeError
+
+CONVERT_DESCRIPTION = """\
+Convert a trained run into a bundle for the edge: the artifact, manifest.json (input contract, normalisation,
+threshold, routing, checksums) and, after `amoe verify`, the parity report.
+
+targets:
+  onnx    ONNX (opset 17, static shapes) for ONNX Runtime on any machine
+  intel   OpenVINO IR for Intel CPU / iGPU / NPU (--device picks the default device)
+  jetson  TensorRT: a TensorRT-checked ONNX, plus the engine when TensorRT and a CUDA GPU are here;
+          otherwise EdgeDetector builds and caches the engine on the Jetson at first load
+
+routing:
+  dense   exact: every expert and the router stay in the graph (static ops only)
+  folded  measure the router on the calibration images; when one expert set covers at least
+          --fold-min-agreement of them, drop the router and the unused experts (refused below it
+          unless --force; the histogram of expert sets is printed either way)
+
+The threshold is measured on the converted artifact itself over normal calibration images
+(mean + --threshold-sigma std of their scores); the runtime applies it, so it can change without re-export.
+"""
+
+CONVERT_EXAMPLES = """\
+examples:
+  amoe convert --checkpoint runs/kit --target onnx --out bundles/kit-onnx
+  amoe convert --checkpoint runs/kit --target intel --precision fp16 --device GPU --out bundles/kit-ov
+  amoe convert --checkpoint runs/kit --target jetson --routing folded --out bundles/kit-trt
+then: amoe verify bundles/kit-onnx --data data/sample/kit
+"""
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (or model.pt) from `amoe train`")
+    parser.add_argument("--target", required=True, choices=("onnx", "intel", "jetson"), help="which runtime the bundle is for")
+    parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (replaced atomically if it exists)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="default fp32")
+    parser.add_argument("--routing", default="dense", choices=("dense", "folded"), help="default dense (exact)")
+    parser.add_argument("--calib-data", type=Path, help="folder of normal images for folding and the threshold "
+                        "(default: the run's held-out validation images)")
+    parser.add_argument("--fold-min-agreement", type=float, default=0.95, help="share of images that must pick the same experts (default 0.95)")
+    parser.add_argument("--force", action="store_true", help="fold to the most common expert set even below the agreement")
+    parser.add_argument("--device", help="default device recorded in the bundle (OpenVINO: CPU, GPU, NPU, AUTO)")
+    parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the graph (default 1)")
+    parser.add_argument("--threshold-sigma", type=float, default=3.0, help="threshold = mean + this many std of normal scores (default 3)")
+    parser.add_argument("--dla-core", type=int, help="jetson: build for this DLA core, with GPU fallback")
+    parser.add_argument("--threads", type=int, help="CPU threads for export and calibration")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from amoe_sdk.converters.convert import ConvertOptions, convert
+    from amoe_sdk.runtimes.bundle import read_bundle
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = ConvertOptions(
+        target=args.target, precision=args.precision, routing=args.routing, calib_data=args.calib_data,
+        fold_min_agreement=args.fold_min_agreement, force=args.force, device=args.device, batch_size=args.batch,
+        threshold_sigma=args.threshold_sigma, dla_core=args.dla_core,
+    )
+    out = convert(args.checkpoint, args.out, options)
+    bundle = read_bundle(out)
+    threshold = bundle.manifest["threshold"]
+    files = ", ".join(f"{name} ({(out / name).stat().st_size / 1e6:.1f} MB)" for name in bundle.manifest["files"])
+    print(f"wrote {out}: {files}")
+    print(f"threshold {threshold['image']:.4f} ({threshold['rule']}, {threshold['images']} images, {threshold['measured_with']})")
+    print(f"next: amoe verify {out} --data DATA")
+    return 0
+
+
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, help="bundle folder from `amoe convert`")
+    parser.add_argument("--data", required=True, type=Path, help="MVTec category (its test split, with labels) or a folder of images")
+    parser.add_argument("--reference", type=Path, help="run folder of the PyTorch reference (default: the one recorded in the bundle)")
+    parser.add_argument("--backend", default="auto", help="auto, openvino, onnxruntime or tensorrt")
+    parser.add_argument("--device", help="backend device (default: the bundle's)")
+    parser.add_argument("--map-rtol", type=float, default=1e-4, help="FP32 tolerance on map differences, relative to the map range (default 1e-4)")
+    parser.add_argument("--threads", type=int, help="CPU threads for the PyTorch reference")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import torch
+
+    from amoe_sdk.converters.verify import verify
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = verify(args.bundle, args.data, args.reference, args.backend, args.device, args.map_rtol)
+    for key in ("backend", "precision", "routing", "images", "score_rel_diff_max", "map_rel_diff_max",
+                "map_correlation_min", "label_flips", "image_auroc_reference", "image_auroc_artifact", "passed"):
+        if key in report:
+            value = report[key]
+            print(f"{key:24s} {value:.3g}" if isinstance(value, float) else f"{key:24s} {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``amoe-convert`` console command: the same as ``amoe convert``."""
+    parser = argparse.ArgumentParser(
+        prog="amoe-convert", description=CONVERT_DESCRIPTION, epilog=CONVERT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_convert_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_convert(args)
+    except AmoeError as exc:
+        print(f"amoe-convert: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Routing folded into static branches.
+
+The router picks experts per image from a global descriptor. On a production line the images are alike, so the
+router usually picks the same experts for all of them; then the router and every expert that never counts can be
+dropped and the fusion weights become constants. ``fold_routing`` measures that on calibration images, refuses
+when the images disagree (unless forced), and builds the smaller static detector.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from amoe_sdk.errors import ConversionError
+from amoe_sdk.models.detector import AnomalyMoE, DetectorOutput, upsample_and_score
+from amoe_sdk.models.layers import FP16_SAFE_EPS
+
+
+def expert_names(model: AnomalyMoE) -> list[str]:
+    counts: Counter[str] = Counter()
+    names = []
+    for level in model.expert_levels:
+        names.append(f"{level}{counts[level]}")
+        counts[level] += 1
+    return names
+
+
+@torch.no_grad()
+def route(model: AnomalyMoE, images_bgr: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits and top-k weights for uint8 images [N, 3, S, S] -> ([N, E], [N, E])."""
+    logits, weights = [], []
+    for start in range(0, len(images_bgr), batch_size):
+        descriptor = model.encode(images_bgr[start : start + batch_size].float()).descriptor
+        chunk_logits, chunk_weights = model.router(descriptor)
+        logits.append(chunk_logits)
+        weights.append(chunk_weights)
+    return torch.cat(logits), torch.cat(weights)
+
+
+@dataclass
+class FoldingReport:
+    """What folding found and did. ``histogram``: the selected expert sets, most common first, with their share
+    of the calibration images; ``fusion_weights``: the constant weight of each kept expert; ``max_weight_shift``:
+    the largest difference, over the agreeing images, between an image's own fusion weights and the constants
+    (0 means folding is exact on them)."""
+
+    images: int
+    histogram: list[dict]
+    agreement: float
+    min_agreement: float
+    forced: bool
+    selected: list[str]
+    kept: list[str]
+    fusion_weights: dict[str, float]
+    routing_weights: dict[str, float]
+    max_weight_shift: float
+    params_before: int = 0
+    params_after: int = 0
+    gflops_before: float = 0.0
+    gflops_after: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class FoldedDetector(nn.Module):
+    """An ``AnomalyMoE`` with the router removed and only the kept experts, fused with constant weights.
+
+    ``forward(images_bgr [B, 3, S, S] float BGR in [0, 255])`` -> ``DetectorOutput`` whose ``routing_weights`` are
+    the constant folded top-k weights [B, E] (zeros for dropped experts) and ``router_logits`` zeros.
+    """
+
+    def __init__(self, model: AnomalyMoE, kept: list[int], fusion_weights: torch.Tensor, routing_weights: torch.Tensor):
+        super().__init__()
+        self.config = model.config
+        self.encoder = model.encoder
+        self.register_buffer("feature_mean", model.feature_mean.clone())
+        self.register_buffer("feature_std", model.feature_std.clone())
+        levels = [model.expert_levels[e] for e in kept]
+        all_experts = list(model.patch_experts) + list(model.component_experts) + list(model.global_experts)
+        self.experts = nn.ModuleList(all_experts[e] for e in kept)
+        self.levels = levels
+        self.assigner = model.assigner if "component" in levels else None
+        self.grid_size = model.grid_size
+        self.register_buffer("map_low", model.map_low[kept].clone())
+        self.register_buffer("map_high", model.map_high[kept].clone())
+        self.register_buffer("fusion", fusion_weights.clone())  # [K]
+        self.register_buffer("routing", routing_weights.clone())  # [E]
+        self.blur = model.blur
+        self.num_experts = model.num_experts
+
+    def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:
+        features = self.encoder(images_bgr)
+        x = (features.taps - self.feature_mean.view(1, -1, 1, 1)) / self.feature_std.view(1, -1, 1, 1)
+        tokens = x.flatten(2).transpose(1, 2)
+        slots = self.assigner(tokens) if self.assigner is not None else None
+        maps = []
+        for level, expert in zip(self.levels, self.experts):
+            if level == "patch":
+                maps.append(expert(tokens).anomaly_map)
+            elif level == "component":
+                maps.append(expert(slots).anomaly_map)
+            else:
+                maps.append(expert(images_bgr).anomaly_map)
+        expert_maps = torch.cat(maps, dim=1)  # [B, K, G, G]
+        span = (self.map_high - self.map_low).clamp_min(FP16_SAFE_EPS)
+        normed = (expert_maps - self.map_low.view(1, -1, 1, 1)) / span.view(1, -1, 1, 1)
+        grid_map = (self.fusion.view(1, -1, 1, 1) * normed).sum(dim=1, keepdim=True)
+        full, score = upsample_and_score(grid_map, self.blur, self.config.input_size, self.config.postprocess.top_percent)
+        b = images_bgr.shape[0]
+        routing = self.routing.view(1, -1).expand(b, -1)
+        return DetectorOutput(full, score, routing, torch.zeros_like(routing), expert_maps)
+
+
+def count_cost(module: nn.Module, input_size: int) -> tuple[int, float]:
+    """(parameters, GFLOPs per image at batch 1) of a detector's inference forward pass."""
+    params = sum(p.numel() for p in module.parameters())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(torch.zeros(1, 3, input_size, input_size))
+    return params, counter.get_total_flops() / 1e9
+
+
+def fold_routing(model: AnomalyMoE, images_bgr: torch.Tensor, min_agreement: float = 0.95, force: bool = False) -> tuple[FoldedDetector, FoldingReport]:
+    """Measure the router on calibration images (uint8 [N, 3, S, S]) and fold it; raises ConversionError with the
+    histogram when the most common expert set covers less than ``min_agreement`` of the images and not ``force``."""
+    if len(images_bgr) == 0:
+        raise ConversionError("folding needs calibration images and got none; pass --calib-data with normal images")
+    names = expert_names(model)
+    logits, weights = route(model, images_bgr)
+    selected_sets = [tuple(int(e) for e in torch.nonzero(row > 0).flatten()) for row in weights]
+    counts = Counter(selected_sets)
+    histogram = [
+        {"experts": [names[e] for e in experts], "count": count, "share": count / len(selected_sets)}
+        for experts, count in counts.most_common()
+    ]
+    best, best_count = counts.most_common(1)[0]
+    agreement = best_count / len(selected_sets)
+    report_notes = []
+    if agreement < min_agreement:
+        message = (
+            f"the router agrees on one expert set for only {agreement:.1%} of the {len(selected_sets)} calibration "
+            f"images (--fold-min-agreement {min_agreement:.0%}):\n{histogram_lines(histogram)}\n"
+        )
+        if not force:
+            raise ConversionError(message + "use --routing dense (exact), or --force to fold to the most common set anyway")
+        report_notes.append("forced: " + message.strip())
+    agreeing = torch.tensor([s == best for s in selected_sets])
+    fusion = model.fusion_weights(logits[agreeing], weights[agreeing])  # [A, E]
+    constant = fusion.mean(dim=0)
+    shift = float((fusion - constant).abs().max())
+    kept = [e for e in range(model.num_experts) if constant[e] > 0]
+    routing = weights[agreeing].mean(dim=0)
+    folded = FoldedDetector(model, kept, constant[kept], routing).eval()
+    report = FoldingReport(
+        images=len(selected_sets),
+        histogram=histogram,
+        agreement=agreement,
+        min_agreement=min_agreement,
+        forced=bool(force and agreement < min_agreement),
+        selected=[names[e] for e in best],
+        kept=[names[e] for e in kept],
+        fusion_weights={names[e]: float(constant[e]) for e in kept},
+        routing_weights={names[e]: float(routing[e]) for e in best},
+        max_weight_shift=shift,
+        notes=report_notes,
+    )
+    report.params_before, report.gflops_before = count_cost(model, model.config.input_size)
+    report.params_after, report.gflops_after = count_cost(folded, model.config.input_size)
+    return folded, report
+
+
+def histogram_lines(histogram: list[dict]) -> str:
+    return "\n".join(f"  {row['share']:6.1%}  {row['count']:4d}  {' + '.join(row['experts'])}" for row in histogram)
+
+
+def folded_from_report(model: AnomalyMoE, report: dict) -> FoldedDetector:
+    """Rebuild the folded detector a bundle was exported from, from its manifest's folding report."""
+    names = expert_names(model)
+    kept = [names.index(name) for name in report["kept"]]
+    fusion = torch.tensor([report["fusion_weights"][name] for name in report["kept"]])
+    routing = torch.tensor([report["routing_weights"].get(name, 0.0) for name in names])
+    return FoldedDetector(model, kept, fusion, routing).eval()

@@ -1,0 +1,30 @@
+"""The graph every artifact is exported from: uint8 BGR frames in, the anomaly map and the image score out.
+
+Pre-processing lives inside the graph (NHWC to NCHW, cast, the encoder's own normalisation) and so do the
+per-expert normalisation constants, so the runtime only resizes with OpenCV and applies the threshold. That is
+the whole contract, and it is the same for every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("anomaly_map", "score", "routing_weights")
+
+
+class EdgeGraph(nn.Module):
+    """``forward(images uint8 [B, S, S, 3] BGR)`` -> (anomaly_map [B, 1, S, S], score [B], routing_weights [B, E]).
+
+    ``detector`` is an ``AnomalyMoE`` (dense routing) or a ``FoldedDetector``.
+    """
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).to(torch.float32)
+        out = self.detector(x)
+        return out.anomaly_map, out.score, out.routing_weights

@@ -1,0 +1,111 @@
+"""``verify``: the artifact against the PyTorch reference it was exported from, on the same images.
+
+Per image: score difference, anomaly-map max abs difference (relative to the reference map's range) and
+correlation, and the verdict at the bundle's threshold; image AUROC of both when the data has labels. FP32
+artifacts must match to ``map_rtol`` with no label flip; FP16 is reported, not gated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from amoe_sdk.checkpoint import load_detector
+from amoe_sdk.converters.folding import folded_from_report
+from amoe_sdk.data.images import list_images, read_image
+from amoe_sdk.data.layouts import read_dataset
+from amoe_sdk.errors import ParityError
+from amoe_sdk.evaluation.metrics import auroc
+from amoe_sdk.runtimes.backends import create_backend
+from amoe_sdk.runtimes.bundle import REPORT_NAME, read_bundle
+from amoe_sdk.runtimes.preprocess import resize_to_input
+
+FP32_MAP_RTOL = 1e-4
+
+
+@dataclass
+class VerifyImages:
+    paths: list[Path]
+    labels: np.ndarray | None  # None for a plain folder
+
+
+def verification_images(data: Path) -> VerifyImages:
+    """An MVTec category's test split (with labels) or a plain folder of images (no labels)."""
+    data = Path(data)
+    if (data / "test").is_dir():
+        dataset = read_dataset(data, require_test=True)
+        return VerifyImages([s.image_path for s in dataset.test], np.array([s.label for s in dataset.test]))
+    return VerifyImages(list_images(data), None)
+
+
+def verify(bundle_dir: str | Path, data: str | Path, reference: str | Path | None = None, backend: str = "auto",
+           device: str | None = None, map_rtol: float = FP32_MAP_RTOL, show_progress: bool = True) -> dict:
+    """Compare, write ``parity_report.json`` into the bundle, and raise ParityError when an FP32 artifact is off."""
+    bundle = read_bundle(bundle_dir)
+    manifest = bundle.manifest
+    model, _ = load_detector(reference or manifest["source"]["checkpoint"])
+    folding = manifest["routing"].get("folding")
+    core = folded_from_report(model, folding) if manifest["routing"]["mode"] == "folded" else model
+    runner = create_backend(bundle, backend, device or manifest.get("device"))
+    images = verification_images(Path(data))
+    size, batch = bundle.input_size, bundle.batch_size
+    threshold = manifest["threshold"]["image"]
+    ref_scores, art_scores, map_errors, correlations = [], [], [], []
+    try:
+        for start in tqdm(range(0, len(images.paths), batch), desc="verify", unit="batch", disable=not show_progress):
+            frames = [resize_to_input(read_image(p), size) for p in images.paths[start : start + batch]]
+            count = len(frames)
+            frames += [frames[-1]] * (batch - count)
+            nhwc = np.stack(frames)
+            with torch.no_grad():
+                ref = core(torch.from_numpy(nhwc).permute(0, 3, 1, 2).float())
+            out = runner.infer(nhwc)
+            for i in range(count):
+                ref_map, art_map = ref.anomaly_map[i, 0].numpy(), out["anomaly_map"][i, 0].astype(np.float32)
+                span = max(float(ref_map.max() - ref_map.min()), 1e-6)
+                map_errors.append(float(np.abs(ref_map - art_map).max()) / span)
+                correlations.append(float(np.corrcoef(ref_map.ravel(), art_map.ravel())[0, 1]))
+                ref_scores.append(float(ref.score[i]))
+                art_scores.append(float(out["score"][i]))
+    finally:
+        runner.close()
+    ref_scores, art_scores = np.array(ref_scores), np.array(art_scores)
+    flips = int(((ref_scores > threshold) != (art_scores > threshold)).sum())
+    gated = manifest["precision"] == "fp32"
+    report = {
+        "bundle": str(bundle.root),
+        "backend": runner.describe(),
+        "precision": manifest["precision"],
+        "routing": manifest["routing"]["mode"],
+        "images": len(images.paths),
+        "data": str(data),
+        "score_abs_diff_max": float(np.abs(ref_scores - art_scores).max()),
+        "score_rel_diff_max": float((np.abs(ref_scores - art_scores) / np.maximum(np.abs(ref_scores), 1e-6)).max()),
+        "map_rel_diff_max": max(map_errors),
+        "map_correlation_min": min(correlations),
+        "label_flips": flips,
+        "threshold": threshold,
+        "map_rtol": map_rtol if gated else None,
+    }
+    if images.labels is not None and 0 < images.labels.sum() < len(images.labels):
+        report["image_auroc_reference"] = auroc(images.labels, ref_scores)
+        report["image_auroc_artifact"] = auroc(images.labels, art_scores)
+    report["passed"] = (not gated) or (report["map_rel_diff_max"] <= map_rtol and flips == 0)
+    _write_report(bundle.root / REPORT_NAME, report)
+    if not report["passed"]:
+        raise ParityError(
+            f"{bundle.root} differs from its PyTorch reference: map difference {report['map_rel_diff_max']:.2e} of the "
+            f"map range (tolerance {map_rtol:.0e}), {flips} label flip(s) at the threshold; see {bundle.root / REPORT_NAME}"
+        )
+    return report
+
+
+def _write_report(path: Path, report: dict) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(report, indent=2))
+    temporary.replace(path)

@@ -1,0 +1,45 @@
+"""ONNX Runtime: CPU, CUDA or TensorRT execution providers, never a silent fall back to the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from amoe_sdk.errors import BackendError
+from amoe_sdk.runtimes.backends.base import Backend
+from amoe_sdk.runtimes.bundle import Bundle
+
+_PROVIDERS = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider", "TENSORRT": "TensorrtExecutionProvider"}
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, device: str = "CPU", threads: int | None = None):
+        key = device.upper()
+        if key not in _PROVIDERS:
+            raise BackendError(f"onnxruntime device '{device}' is unknown; choose CPU, CUDA or TensorRT")
+        provider = _PROVIDERS[key]
+        if provider not in ort.get_available_providers():
+            raise BackendError(
+                f"onnxruntime on this machine has no {provider} (it has {', '.join(ort.get_available_providers())}); "
+                "install onnxruntime-gpu for CUDA / TensorRT, or pass device='CPU'"
+            )
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        # Requested provider first, CPU only for the ops it cannot run (ONNX Runtime requires it listed).
+        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        path = bundle.artifact("onnx")
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.device = key
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
+        return dict(zip(self.output_names, outputs))

@@ -1,0 +1,150 @@
+"""``EdgeDetector``: a bundle in, verdicts out, on numpy + OpenCV + one inference backend (no torch).
+
+    from amoe_sdk import EdgeDetector
+    detector = EdgeDetector("bundles/kit-onnx")           # backend and device chosen from the bundle
+    result = detector.predict(cv2.imread("part.png"))      # H x W x 3 uint8 BGR, any size
+    result.score, result.is_anomaly, result.anomaly_map    # map at the frame's own size
+    cv2.imwrite("part-overlay.png", result.overlay())
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from amoe_sdk.errors import InputError
+from amoe_sdk.runtimes.backends import create_backend
+from amoe_sdk.runtimes.bundle import read_bundle
+from amoe_sdk.runtimes.preprocess import check_frame, heat_map_overlay, map_to_frame, resize_to_input
+
+
+@dataclass
+class DetectionResult:
+    """One frame's verdict. ``anomaly_map`` is float32 at the frame's size, in the bundle's normalised units (0 is
+    a typical normal pixel); ``normalized_score`` is 0.5 at the threshold, 0 at a typical normal score and capped
+    at 1 (twice the threshold). ``timings_ms`` holds this frame's share of pre, infer and post."""
+
+    score: float
+    normalized_score: float
+    is_anomaly: bool
+    anomaly_map: np.ndarray
+    threshold: float
+    pixel_threshold: float
+    image: np.ndarray = field(repr=False)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool H x W: the pixels above the pixel threshold."""
+        return self.anomaly_map > self.pixel_threshold
+
+    def overlay(self, alpha: float = 0.45) -> np.ndarray:
+        """The frame with the heat map blended in and the anomalous region outlined (BGR uint8)."""
+        return heat_map_overlay(self.image, self.anomaly_map, self.pixel_threshold, alpha)
+
+
+def effective_threshold(base: float, sensitivity: float) -> float:
+    """``sensitivity`` in [0, 1] scales the calibrated threshold: 0.5 keeps it, 1 halves it, 0 doubles it."""
+    if not 0.0 <= sensitivity <= 1.0:
+        raise ValueError(f"sensitivity must lie in [0, 1], got {sensitivity}")
+    return base * 2.0 ** (1.0 - 2.0 * sensitivity)
+
+
+class EdgeDetector:
+    """Run a bundle written by ``amoe convert``.
+
+    backend: ``auto`` (the bundle's target decides: TensorRT for jetson, OpenVINO for intel, ONNX Runtime for
+    onnx), ``openvino``, ``onnxruntime`` or ``tensorrt``. device: the backend's device name (OpenVINO CPU / GPU /
+    NPU / AUTO, ONNX Runtime CPU / CUDA / TensorRT, TensorRT cuda:N); a device that is not present is an error,
+    never a quiet switch to the CPU. threshold: an absolute image-score threshold instead of the calibrated one;
+    sensitivity: scale the calibrated one (see ``effective_threshold``). Other keyword arguments go to the backend
+    (``threads``, ``cache_dir``, ``dla_core``, ``hint``).
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        backend: str = "auto",
+        device: str | None = None,
+        threshold: float | None = None,
+        sensitivity: float | None = None,
+        **backend_options,
+    ):
+        self.bundle = read_bundle(bundle)
+        self.backend = create_backend(self.bundle, backend, device, **backend_options)
+        calibrated = self.bundle.manifest["threshold"]
+        chosen_sensitivity = calibrated.get("sensitivity", 0.5) if sensitivity is None else sensitivity
+        if threshold is not None and sensitivity is not None:
+            raise ValueError("pass threshold or sensitivity, not both")
+        self.threshold = float(threshold) if threshold is not None else effective_threshold(calibrated["image"], chosen_sensitivity)
+        scale = self.threshold / calibrated["image"]
+        self.pixel_threshold = float(calibrated["pixel"]) * scale
+        self.input_size = self.bundle.input_size
+        self.batch_size = self.bundle.batch_size
+
+    def __repr__(self) -> str:
+        return f"EdgeDetector({self.bundle.root}, {self.backend.describe()}, threshold={self.threshold:.4g})"
+
+    def warmup(self, runs: int = 3) -> None:
+        """Run a few blank batches so that lazy initialisation is not charged to the first real frame."""
+        blank = np.zeros((self.batch_size, self.input_size, self.input_size, 3), np.uint8)
+        for _ in range(runs):
+            self.backend.infer(blank)
+
+    def predict(self, image: np.ndarray) -> DetectionResult:
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: list[np.ndarray]) -> list[DetectionResult]:
+        """Any number of frames (sizes may differ); they run in batches of the bundle's batch size."""
+        if len(images) == 0:
+            raise InputError("predict_batch got no frames")
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            results.extend(self._run_chunk(images[start : start + self.batch_size], start))
+        return results
+
+    def _run_chunk(self, frames: list[np.ndarray], offset: int) -> list[DetectionResult]:
+        started = time.perf_counter()
+        resized = [resize_to_input(check_frame(f, f"frame {offset + i}"), self.input_size) for i, f in enumerate(frames)]
+        # The graph has a fixed batch: pad a short last chunk with copies and drop their outputs.
+        resized += [resized[-1]] * (self.batch_size - len(resized))
+        batch = np.ascontiguousarray(np.stack(resized))
+        prepared = time.perf_counter()
+        outputs = self.backend.infer(batch)
+        inferred = time.perf_counter()
+        results = []
+        for i, frame in enumerate(frames):
+            score = float(outputs["score"][i])
+            full = map_to_frame(outputs["anomaly_map"][i, 0], frame.shape[0], frame.shape[1])
+            results.append(
+                DetectionResult(
+                    score=score,
+                    normalized_score=float(np.clip(0.5 * score / self.threshold, 0.0, 1.0)),
+                    is_anomaly=score > self.threshold,
+                    anomaly_map=full,
+                    threshold=self.threshold,
+                    pixel_threshold=self.pixel_threshold,
+                    image=frame,
+                )
+            )
+        done = time.perf_counter()
+        share = 1000.0 / len(frames)
+        for result in results:
+            result.timings_ms = {
+                "pre": (prepared - started) * share,
+                "infer": (inferred - prepared) * share,
+                "post": (done - inferred) * share,
+            }
+        return results
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "EdgeDetector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,155 @@
+"""Conversion: parity with PyTorch, folding, the TensorRT host checks, and the artifacts' contracts."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from amoe_sdk.checkpoint import load_detector
+from amoe_sdk.converters.convert import ConvertOptions, convert
+from amoe_sdk.converters.folding import fold_routing
+from amoe_sdk.converters.tensorrt_checks import tensorrt_problems
+from amoe_sdk.converters.verify import verify
+from amoe_sdk.errors import ConversionError
+from amoe_sdk.training.data import load_images
+
+
+def test_onnx_bundle_matches_pytorch(onnx_bundle, sample_root):
+    report = verify(onnx_bundle, sample_root / "washer", show_progress=False)
+    assert report["passed"] and report["label_flips"] == 0
+    assert report["map_rel_diff_max"] < 1e-4 and report["map_correlation_min"] > 0.9999
+    assert json.loads((onnx_bundle / "parity_report.json").read_text())["passed"]
+
+
+def test_openvino_bundle_matches_pytorch(intel_bundle, sample_root):
+    bundle = intel_bundle
+    assert (bundle / "model.xml").is_file() and not (bundle / "model.onnx").exists()
+    report = verify(bundle, sample_root / "washer", show_progress=False)
+    assert report["passed"] and report["map_rel_diff_max"] < 1e-4
+
+
+def test_openvino_ir_carries_the_threshold_in_rt_info(intel_bundle):
+    import openvino as ov
+
+    bundle = intel_bundle
+    model = ov.Core().read_model(str(bundle / "model.xml"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert float(model.get_rt_info(["model_info", "image_threshold"]).astype(str)) == pytest.approx(manifest["threshold"]["image"])
+    assert model.get_rt_info(["model_info", "model_type"]).astype(str) == "AnomalyDetection"
+
+
+def test_onnx_is_static_checked_and_carries_the_manifest(onnx_bundle):
+    model = onnx.load(str(onnx_bundle / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    for value in list(model.graph.input) + list(model.graph.output):
+        assert all(d.HasField("dim_value") for d in value.type.tensor_type.shape.dim), value.name
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    metadata = {p.key: json.loads(p.value) for p in model.metadata_props}
+    assert metadata["amoe_manifest"]["input"]["size"] == 128
+
+
+def test_exported_graph_stays_finite_when_component_slots_are_empty(onnx_bundle, tiny_run):
+    import onnxruntime as ort
+
+    model, _ = load_detector(tiny_run)
+    black = np.zeros((1, 128, 128, 3), np.uint8)
+    with torch.no_grad():
+        tokens = model.standardise(model.encode(torch.zeros(1, 3, 128, 128)).taps)
+        assert (model.assigner(tokens).areas == 0).any()  # the case an exporter's dropped epsilon turns into NaN
+    session = ort.InferenceSession(str(onnx_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    for value in session.run(None, {"images": black}):
+        assert np.isfinite(value).all()
+
+
+def _calibration(tiny_run):
+    model, payload = load_detector(tiny_run)
+    images = load_images([Path(p) for p in payload["val_images"]], 128)
+    return model, images
+
+
+def _fix_router(model, bias):
+    """Make the router ignore the image: zero weights, the given logits as bias."""
+    last = model.router.mlp.fc2
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor(bias))
+
+
+def test_folding_refuses_disagreeing_routers_and_shows_the_histogram(tiny_run, sample_root):
+    model, _ = _calibration(tiny_run)
+    # Three different products and a router with large random weights: the images pick different expert sets.
+    paths = [p for category in ("weave", "washer", "kit") for p in sorted((sample_root / category / "train" / "good").glob("*.png"))[:4]]
+    images = load_images(paths, 128)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.router.mlp.fc2.weight.normal_(0.0, 100.0)
+    with pytest.raises(ConversionError) as info:
+        fold_routing(model, images, min_agreement=1.0)
+    assert "--force" in str(info.value) and "%" in str(info.value)
+    folded, report = fold_routing(model, images, min_agreement=1.0, force=True)
+    assert report.forced and report.notes
+
+
+def test_folded_equals_dense_where_the_router_agrees_and_saves_compute(tiny_run):
+    model, images = _calibration(tiny_run)
+    _fix_router(model, [5.0, 0.0, 5.0, 0.0, 5.0, 0.0])  # always patch0 + component0 + global0
+    folded, report = fold_routing(model, images, min_agreement=0.95)
+    assert report.agreement == 1.0 and report.kept == ["patch0", "component0", "global0"]
+    assert report.params_after < report.params_before and report.gflops_after < report.gflops_before
+    with torch.no_grad():
+        dense, small = model(images.float()), folded(images.float())
+    assert torch.allclose(dense.anomaly_map, small.anomaly_map, atol=1e-5)
+    assert torch.allclose(dense.score, small.score, atol=1e-5)
+
+
+def test_folded_bundle_passes_verify(tiny_run, sample_root, tmp_path):
+    bundle = convert(tiny_run, tmp_path / "folded", ConvertOptions(target="onnx", routing="folded", force=True))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["routing"]["mode"] == "folded" and manifest["routing"]["folding"]["histogram"]
+    assert verify(bundle, sample_root / "washer", show_progress=False)["passed"]
+
+
+def test_jetson_bundle_passes_the_tensorrt_host_checks(tiny_run, tmp_path):
+    bundle = convert(tiny_run, tmp_path / "trt", ConvertOptions(target="jetson"))
+    model = onnx.load(str(bundle / "model.onnx"))
+    assert tensorrt_problems(model) == []
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["artifacts"]["tensorrt_onnx"] == "model.onnx"
+
+
+def test_tensorrt_checks_name_unsupported_ops_and_dynamic_shapes():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("StringNormalizer", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"], domain="com.acme")],
+        "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3])],
+    )
+    problems = tensorrt_problems(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    text = "\n".join(problems)
+    assert "StringNormalizer" in text and "com.acme" in text and "dynamic shape" in text
+
+
+def _cuda_device_count() -> int:
+    try:
+        from cuda.bindings import runtime as cudart
+
+        err, count = cudart.cudaGetDeviceCount()
+        return count if int(err) == 0 else 0
+    except Exception:
+        return 0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None or _cuda_device_count() == 0,
+    reason="TensorRT engines need the tensorrt package and an NVIDIA GPU; this host has no CUDA device or no TensorRT",
+)
+def test_tensorrt_engine_builds_and_matches_pytorch(tiny_run, sample_root, tmp_path):
+    bundle = convert(tiny_run, tmp_path / "trt", ConvertOptions(target="jetson"))
+    report = verify(bundle, sample_root / "washer", backend="tensorrt", show_progress=False)
+    assert report["passed"]
