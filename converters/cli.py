@@ -24,8 +24,15 @@ routing:
           --fold-min-agreement of them, drop the router and the unused experts (refused below it
           unless --force; the histogram of expert sets is printed either way)
 
-The threshold is measured on the converted artifact itself over normal calibration images
-(mean + --threshold-sigma std of their scores); the runtime applies it, so it can change without re-export.
+precision:
+  fp32 / fp16  FP16 halves the weights (OpenVINO compresses them; ONNX keeps uint8 in and FP32 out)
+  int8         calibrated on normal images (--calib-data, default the run's training images), then gated:
+               image and pixel AUROC on held-out normals plus anomalies (--val-data, default pseudo-anomalies)
+               may drop at most --max-drop against FP32; when they drop more, the most sensitive layers go
+               back to float until the gate holds, or the conversion fails (--force keeps the result)
+
+The threshold is measured on the converted artifact itself over normal held-out images (mean +
+--threshold-sigma std of their scores); the runtime applies it, so it can change without re-export.
 """
 
 CONVERT_EXAMPLES = """\
@@ -33,6 +40,7 @@ examples:
   amoe convert --checkpoint runs/kit --target onnx --out bundles/kit-onnx
   amoe convert --checkpoint runs/kit --target intel --precision fp16 --device GPU --out bundles/kit-ov
   amoe convert --checkpoint runs/kit --target jetson --routing folded --out bundles/kit-trt
+  amoe convert --checkpoint runs/kit --target intel --precision int8 --out bundles/kit-ov-int8
 then: amoe verify bundles/kit-onnx --data data/sample/kit
 """
 
@@ -41,7 +49,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (or model.pt) from `amoe train`")
     parser.add_argument("--target", required=True, choices=("onnx", "intel", "jetson"), help="which runtime the bundle is for")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (replaced atomically if it exists)")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="default fp32")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="default fp32; int8 is accuracy-gated (see --max-drop)")
     parser.add_argument("--routing", default="dense", choices=("dense", "folded"), help="default dense (exact)")
     parser.add_argument("--calib-data", type=Path, help="folder of normal images for folding and the threshold "
                         "(default: the run's held-out validation images)")
@@ -51,6 +59,13 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the graph (default 1)")
     parser.add_argument("--threshold-sigma", type=float, default=3.0, help="threshold = mean + this many std of normal scores (default 3)")
     parser.add_argument("--dla-core", type=int, help="jetson: build for this DLA core, with GPU fallback")
+    parser.add_argument("--max-drop", type=float, default=0.01, help="int8: largest allowed drop of image and of pixel AUROC against FP32 (default 0.01)")
+    parser.add_argument("--val-data", type=Path, help="int8: MVTec category whose anomalous test images (with masks) form the gate "
+                        "(default: pseudo-anomalies made from held-out normal images)")
+    parser.add_argument("--calib-method", default="minmax", choices=("minmax", "entropy", "percentile"),
+                        help="int8 for onnx / jetson: activation range calibration (default minmax)")
+    parser.add_argument("--no-accuracy-control", action="store_true", help="int8 for intel: plain NNCF quantization instead of accuracy control")
+    parser.add_argument("--tensorrt-cache-version", default="8.6.1", help="int8 for jetson: TensorRT version in the calibration cache header (default 8.6.1)")
     parser.add_argument("--threads", type=int, help="CPU threads for export and calibration")
 
 
@@ -65,7 +80,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(
         target=args.target, precision=args.precision, routing=args.routing, calib_data=args.calib_data,
         fold_min_agreement=args.fold_min_agreement, force=args.force, device=args.device, batch_size=args.batch,
-        threshold_sigma=args.threshold_sigma, dla_core=args.dla_core,
+        threshold_sigma=args.threshold_sigma, dla_core=args.dla_core, max_drop=args.max_drop, val_data=args.val_data,
+        calib_method=args.calib_method, accuracy_control=not args.no_accuracy_control,
+        tensorrt_cache_version=args.tensorrt_cache_version,
     )
     out = convert(args.checkpoint, args.out, options)
     bundle = read_bundle(out)

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from tqdm.auto import tqdm
 
@@ -23,9 +24,12 @@ from amoe_sdk.converters.bundle_writer import BundleWriter
 from amoe_sdk.converters.folding import expert_names, fold_routing
 from amoe_sdk.converters.graph import INPUT_NAME, OUTPUT_NAMES, EdgeGraph
 from amoe_sdk.converters.onnx_export import OPSET, check_finite, export_onnx, save_with_metadata, to_fp16
+from amoe_sdk.converters.openvino_export import compiled_infer, save_openvino
 from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
+from amoe_sdk.calibration.data import MIN_CALIBRATION_IMAGES as MIN_INT8_IMAGES, gate_set, load_frames, normal_image_paths
+from amoe_sdk.calibration.tensorrt_cache import write_tensorrt_cache
 from amoe_sdk.data.images import list_images
-from amoe_sdk.errors import ConfigError, DataError
+from amoe_sdk.errors import ConfigError, ConversionError, DataError
 from amoe_sdk.runtimes.backends import create_backend
 from amoe_sdk.runtimes.bundle import SCHEMA_VERSION, Bundle
 from amoe_sdk.training.data import load_images
@@ -47,6 +51,11 @@ class ConvertOptions:
     batch_size: int = 1
     threshold_sigma: float = 3.0
     dla_core: int | None = None
+    max_drop: float = 0.01
+    calib_method: str = "minmax"
+    val_data: Path | None = None
+    accuracy_control: bool = True
+    tensorrt_cache_version: str = "8.6.1"
 
 
 def calibration_paths(payload: dict, calib_data: Path | None) -> tuple[list[Path], str]:
@@ -99,8 +108,8 @@ def _tensorrt_device_present() -> bool:
 def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) -> Path:
     if options.target not in TARGETS:
         raise ConfigError(f"unknown --target {options.target}; choose one of {', '.join(TARGETS)}")
-    if options.precision not in ("fp32", "fp16"):
-        raise ConfigError(f"--precision {options.precision} is not supported here; choose fp32 or fp16")
+    if options.precision not in ("fp32", "fp16", "int8"):
+        raise ConfigError(f"--precision {options.precision}: choose fp32, fp16 or int8")
     if options.routing not in ("dense", "folded"):
         raise ConfigError(f"--routing {options.routing}: choose dense or folded")
     started = time.time()
@@ -147,50 +156,77 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
         "model": payload["config"]["model"],
         "onnx_opset": OPSET,
     }
+    nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
     with BundleWriter(out) as writer:
         onnx_path = writer.path("model.onnx")
         onnx_model = export_onnx(graph, onnx_path, size, options.batch_size)
         check_finite(onnx_path, size, options.batch_size)
-        if options.target == "onnx" and options.precision == "fp16":
-            onnx_model = to_fp16(onnx_model)
-        provisional = {"schema_version": SCHEMA_VERSION, "target": options.target, "precision": options.precision}
-        if options.target == "jetson":
-            check_tensorrt_onnx(onnx_model, str(onnx_path))
-            save_with_metadata(onnx_model, onnx_path, {"amoe_manifest": manifest})
-            artifacts = {"tensorrt_onnx": "model.onnx"}
-            # Measured with ONNX Runtime on the TensorRT-ready ONNX; amoe verify checks the engine on the device.
-            measure_as, measure_artifacts = "onnxruntime", {"onnx": "model.onnx"}
-        elif options.target == "onnx":
-            save_with_metadata(onnx_model, onnx_path, {"amoe_manifest": manifest})
-            artifacts = measure_artifacts = {"onnx": "model.onnx"}
-            measure_as = "onnxruntime"
-        else:
-            artifacts = measure_artifacts = {"openvino_xml": "model.xml", "openvino_bin": "model.bin"}
-            measure_as = "openvino"
-        probe = Bundle(writer.tmp, {**provisional, "artifacts": measure_artifacts, "input": manifest["input"]})
-        nhwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+        quantization = int8_frames = gate = None
+        if options.precision == "int8":
+            int8_frames, int8_source = int8_calibration_frames(payload, options.calib_data, size)
+            gate = gate_set(nhwc, size, options.val_data, seed=0)
+            print(f"INT8: calibrating on {len(int8_frames)} images from {int8_source}; gate on {gate.source}")
         if options.target == "intel":
-            # The IR needs the threshold in rt_info: measure on an FP32 IR first when FP16 is asked for.
-            from amoe_sdk.converters.openvino_export import export_openvino
-
-            export_openvino(onnx_path, writer.path("model.xml"), False, {"image": 0.0, "pixel": 0.0}, {})
-            scores = artifact_scores(probe, measure_as, options.device, nhwc, options.batch_size)
-            threshold = _threshold(scores, options.threshold_sigma, source, measure_as)
-            export_openvino(onnx_path, writer.path("model.xml"), options.precision == "fp16", threshold, {k: manifest[k] for k in ("sdk_version", "input", "routing")})
-            if options.precision == "fp16":
-                scores = artifact_scores(probe, measure_as, options.device, nhwc, options.batch_size)
-                threshold = _threshold(scores, options.threshold_sigma, source, measure_as)
+            artifacts = {"openvino_xml": "model.xml", "openvino_bin": "model.bin"}
+            measure_as = "openvino"
+            ov_model, quantization = _openvino_model(onnx_path, options, int8_frames, gate)
             onnx_path.unlink()
+            # Write, read back and measure the IR as it will run (FP16 weights included), then write it again
+            # with the measured threshold in its rt_info.
+            core_keys = {k: manifest[k] for k in ("sdk_version", "input", "routing")}
+            # A separate file: OpenVINO memory-maps the .bin it reads, so it must not be rewritten in place.
+            save_openvino(ov_model, writer.path("measure.xml"), options.precision != "fp32", {"image": 0.0, "pixel": 0.0}, core_keys)
+            import openvino as ov
+
+            ov_model = ov.Core().read_model(str(writer.path("measure.xml")))
+            infer = compiled_infer(ov_model)
+            threshold = _threshold(_scores_of(infer, nhwc, options.batch_size), options.threshold_sigma, source, measure_as)
+            save_openvino(ov_model, writer.path("model.xml"), False, threshold, core_keys)
+            del ov_model, infer
+            writer.path("measure.xml").unlink()
+            writer.path("measure.bin").unlink()
         else:
-            scores = artifact_scores(probe, measure_as, None, nhwc, options.batch_size)
-            threshold = _threshold(scores, options.threshold_sigma, source, measure_as)
+            measure_as = "onnxruntime"
+            if options.target == "jetson":
+                check_tensorrt_onnx(onnx_model, str(onnx_path))
+            if options.precision == "fp16":
+                onnx_model = to_fp16(onnx_model)
+                onnx.save(onnx_model, str(onnx_path))
+            elif options.precision == "int8":
+                fp32_path = writer.path("fp32.onnx")
+                onnx_path.rename(fp32_path)
+                quantization = _quantize_onnx(fp32_path, onnx_path, int8_frames, gate, options)
+                fp32_path.unlink()
+                onnx_model = onnx.load(str(onnx_path))
+                if options.target == "jetson":
+                    check_tensorrt_onnx(onnx_model, str(onnx_path))
+                    count = write_tensorrt_cache(onnx_model, writer.path("calibration.cache"), options.tensorrt_cache_version)
+                    quantization["tensorrt_calibration_cache"] = {"file": "calibration.cache", "tensors": count, "tensorrt_version": options.tensorrt_cache_version}
+            save_with_metadata(onnx_model, onnx_path, {"amoe_manifest": manifest})
+            artifacts = {"tensorrt_onnx": "model.onnx"} if options.target == "jetson" else {"onnx": "model.onnx"}
+            if quantization and "tensorrt_calibration_cache" in quantization:
+                artifacts["tensorrt_calibration_cache"] = "calibration.cache"
+            # For jetson: measured with ONNX Runtime on the TensorRT-ready ONNX; amoe verify checks the engine on the device.
+            probe = Bundle(writer.tmp, {"schema_version": SCHEMA_VERSION, "target": "onnx", "precision": options.precision,
+                                        "artifacts": {"onnx": "model.onnx"}, "input": manifest["input"]})
+            threshold = _threshold(artifact_scores(probe, "onnxruntime", None, nhwc, options.batch_size), options.threshold_sigma, source, measure_as)
+        if quantization is not None:
+            fp32_threshold = _threshold(quantization.pop("fp32_normal_scores"), options.threshold_sigma, source, measure_as)["image"]
+            quantization["threshold_fp32"] = fp32_threshold
+            quantization["threshold_shift"] = threshold["image"] - fp32_threshold
+            print(
+                f"INT8 gate {'passed' if quantization['passed'] else 'FAILED'}: image AUROC {quantization['fp32']['image_auroc']:.4f} -> "
+                f"{quantization['int8']['image_auroc']:.4f}, pixel AUROC {quantization['fp32']['pixel_auroc']:.4f} -> "
+                f"{quantization['int8']['pixel_auroc']:.4f}; {len(quantization['float_layers'])} layer(s) kept in float; "
+                f"threshold {fp32_threshold:.4f} -> {threshold['image']:.4f}"
+            )
+            manifest["quantization"] = quantization
         if options.target == "jetson" and _tensorrt_device_present():
+            from amoe_sdk.runtimes.backends.tensorrt_backend import TensorRTBackend
             from amoe_sdk.runtimes.backends.tensorrt_engine import EngineOptions, build_engine
 
-            engine = build_engine(onnx_path, writer.path("model.engine"), EngineOptions(fp16=options.precision == "fp16", dla_core=options.dla_core, timing_cache=writer.path("timing.cache")))
+            engine = build_engine(onnx_path, writer.path("model.engine"), EngineOptions(fp16=options.precision != "fp32", dla_core=options.dla_core, timing_cache=writer.path("timing.cache")))
             artifacts["tensorrt_engine"] = "model.engine"
-            from amoe_sdk.runtimes.backends.tensorrt_backend import TensorRTBackend
-
             manifest["tensorrt_engine"] = {**engine, "gpu": TensorRTBackend.gpu_name(0)}
         elif options.target == "jetson":
             manifest["tensorrt_engine"] = None
@@ -200,6 +236,94 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
         manifest["calibration"] = {"images": len(paths), "source": source, "measured_with": measure_as}
         manifest["convert_seconds"] = round(time.time() - started, 1)
         return writer.commit(manifest)
+
+
+def int8_calibration_frames(payload: dict, calib_data: Path | None, size: int) -> tuple[np.ndarray, str]:
+    """INT8 range calibration images: ``--calib-data`` or the run's training images."""
+    if calib_data is not None:
+        paths = normal_image_paths(calib_data)
+        return load_frames(paths, size), str(calib_data)
+    paths = [Path(p) for p in payload.get("train_images", [])]
+    missing = [p for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise DataError(
+            f"the run's training images are gone ({missing[0] if missing else 'none recorded'}); "
+            "pass --calib-data DIR with normal images for INT8 calibration"
+        )
+    if len(paths) < MIN_INT8_IMAGES:
+        print(f"warning: only {len(paths)} INT8 calibration images; ranges are unreliable below {MIN_INT8_IMAGES}")
+    return load_frames(paths, size), "the run's training images"
+
+
+def _quantization_report(result_reference, result_final, float_layers: list[str], passed: bool, options: ConvertOptions, tries: list[dict], gate) -> dict:
+    changed = [
+        int(i) for i in np.nonzero(((result_reference.routing > 0) != (result_final.routing > 0)).any(axis=1))[0]
+    ]
+    n_normal = int((gate.labels == 0).sum())
+    return {
+        "method": options.calib_method if options.target != "intel" else ("nncf accuracy control" if options.accuracy_control else "nncf"),
+        "max_drop": options.max_drop,
+        "gate_data": gate.source,
+        "fp32": {"image_auroc": result_reference.image_auroc, "pixel_auroc": result_reference.pixel_auroc},
+        "int8": {"image_auroc": result_final.image_auroc, "pixel_auroc": result_final.pixel_auroc},
+        "drop": result_final.drop_from(result_reference),
+        "passed": passed,
+        "float_layers": float_layers,
+        "routing_changed_images": changed if options.routing == "dense" else [],
+        "tries": tries,
+        "fp32_normal_scores": result_reference.scores[:n_normal],
+    }
+
+
+def _check_gate(report: dict, options: ConvertOptions) -> None:
+    if report["passed"] or options.force:
+        return
+    raise ConversionError(
+        f"INT8 misses the accuracy gate (--max-drop {options.max_drop}): image AUROC {report['fp32']['image_auroc']:.4f} -> "
+        f"{report['int8']['image_auroc']:.4f}, pixel AUROC {report['fp32']['pixel_auroc']:.4f} -> {report['int8']['pixel_auroc']:.4f} "
+        f"even with {len(report['float_layers'])} layer(s) in float; use --precision fp16, raise --max-drop, or --force to keep it"
+    )
+
+
+def _quantize_onnx(fp32_path: Path, out_path: Path, frames: np.ndarray, gate, options: ConvertOptions) -> dict:
+    from amoe_sdk.converters.quantize_onnx import gated_quantize
+
+    def make_infer(path: Path):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        return lambda batch: dict(zip(names, session.run(names, {INPUT_NAME: batch})))
+
+    result = gated_quantize(fp32_path, out_path, frames, gate, options.batch_size, make_infer, options.max_drop,
+                            options.calib_method, for_tensorrt=options.target == "jetson")
+    report = _quantization_report(result.reference, result.final, result.float_nodes, result.passed, options, result.tries, gate)
+    report["float_groups"] = result.float_groups
+    _check_gate(report, options)
+    return report
+
+
+def _openvino_model(onnx_path: Path, options: ConvertOptions, frames, gate):
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_path))
+    if options.precision != "int8":
+        return model, None
+    from amoe_sdk.converters.quantize_openvino import quantize_openvino
+
+    quantized, reference, final, float_layers = quantize_openvino(model, frames, gate, options.batch_size, options.max_drop, options.accuracy_control)
+    report = _quantization_report(reference, final, float_layers, final.drop_from(reference) <= options.max_drop, options, [], gate)
+    _check_gate(report, options)
+    return quantized, report
+
+
+def _scores_of(infer, frames: np.ndarray, batch_size: int) -> np.ndarray:
+    scores = []
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start : start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+        scores.append(infer(np.ascontiguousarray(padded))["score"][: len(chunk)])
+    return np.concatenate(scores).astype(np.float64)
 
 
 def _threshold(scores: np.ndarray, sigma: float, source: str, backend: str) -> dict:

@@ -95,7 +95,7 @@ class FoldedDetector(nn.Module):
         self.num_experts = model.num_experts
 
     def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:
-        features = self.encoder(images_bgr)
+        features = self.encoder(images_bgr, with_descriptor=False)  # no router: stop after the last tap
         x = (features.taps - self.feature_mean.view(1, -1, 1, 1)) / self.feature_std.view(1, -1, 1, 1)
         tokens = x.flatten(2).transpose(1, 2)
         slots = self.assigner(tokens) if self.assigner is not None else None
@@ -118,11 +118,19 @@ class FoldedDetector(nn.Module):
 
 
 def count_cost(module: nn.Module, input_size: int) -> tuple[int, float]:
-    """(parameters, GFLOPs per image at batch 1) of a detector's inference forward pass."""
-    params = sum(p.numel() for p in module.parameters())
+    """(parameters, GFLOPs per image at batch 1) of what a detector's inference forward pass actually runs:
+    parameters of the modules that execute (an exporter drops the rest, such as encoder stages after the last
+    tap of a detector without router), FLOPs as counted by torch."""
+    executed: set[int] = set()
+    hooks = [m.register_forward_hook(lambda mod, *_: executed.add(id(mod))) for m in module.modules()]
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(torch.zeros(1, 3, input_size, input_size))
+    try:
+        with torch.no_grad(), counter:
+            module(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    params = sum(p.numel() for m in module.modules() if id(m) in executed for p in m.parameters(recurse=False))
     return params, counter.get_total_flops() / 1e9
 
 

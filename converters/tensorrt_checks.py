@@ -44,6 +44,10 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
         problems.append(f"opset {opset} is outside TensorRT 10's range (9 to {TENSORRT_MAX_OPSET})")
     constants = {init.name for init in model.graph.initializer}
     constants |= {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    # Explicit quantization: TensorRT folds DequantizeLinear(constant weights) into a constant too.
+    constants |= {
+        node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in constants
+    }
     for node in model.graph.node:
         where = f"node {node.name or '?'} ({node.op_type})"
         if node.domain not in ("", "ai.onnx"):

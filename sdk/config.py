@@ -121,13 +121,15 @@ class LossConfig:
 
     L_rec is the routing-weighted sum of per-expert losses (global and component losses scaled by
     ``global_scale`` and ``component_scale``); the router learns from each expert's loss relative to its
-    level's mean, so that the scales do not decide the routing. Patch experts use hard mining: the gradient of the easiest
+    level's mean, so that the scales do not decide the routing, weighted by ``router_weight`` (of the order of
+    ``esb_weight``, so that balancing is not drowned out). Patch experts use hard mining: the gradient of the easiest
     ``hard_mining_easy_fraction`` of positions is multiplied by ``hard_mining_easy_scale``. L_ESB is
     importance + ``capacity_weight`` * capacity + ``z_weight`` * z-loss.
     """
 
     eir_weight: float = 1e-4
     esb_weight: float = 0.01
+    router_weight: float = 0.01
     global_scale: float = 0.1
     component_scale: float = 0.1
     hard_mining_easy_fraction: float = 0.9

@@ -6,7 +6,7 @@ from amoe_sdk.cli.main import main
 
 
 def test_help_teaches_every_verb(capsys):
-    for verb in (["train"], ["eval"], ["info"], ["data", "sample"]):
+    for verb in (["train"], ["eval"], ["info"], ["data", "sample"], ["convert"], ["verify"]):
         try:
             main([*verb, "--help"])
         except SystemExit as exc:
@@ -40,3 +40,22 @@ def test_errors_give_exit_codes_and_messages(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 6
     assert "amoe train" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config", str(tmp_path / "no.yaml")]) == 4
+
+
+def test_convert_verify_and_bundle_info(tiny_run, sample_root, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    assert main(["convert", "--checkpoint", str(tiny_run), "--target", "onnx", "--out", str(bundle)]) == 0
+    assert "amoe verify" in capsys.readouterr().out
+    assert main(["verify", str(bundle), "--data", str(sample_root / "washer")]) == 0
+    assert "passed" in capsys.readouterr().out
+    assert main(["info", str(bundle), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["target"] == "onnx" and info["parity_report"]["passed"] and "model.onnx" in info["files"]
+    # An impossible tolerance must fail: the gate is real.
+    assert main(["verify", str(bundle), "--data", str(sample_root / "washer"), "--map-rtol", "1e-12"]) == 11
+    assert "differs from its PyTorch reference" in capsys.readouterr().err
+
+
+def test_amoe_convert_console_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "amoe_sdk.converters.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--target" in result.stdout and "folded" in result.stdout

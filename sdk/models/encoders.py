@@ -26,10 +26,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class EncoderFeatures:
     """``taps``: [B, C, G, G], the tapped features side by side on the G x G grid (C = sum of ``tap_channels``).
-    ``descriptor``: [B, D], the global image descriptor the router reads."""
+    ``descriptor``: [B, D], the global image descriptor the router reads (None when not asked for: a detector
+    without a router stops the encoder after its last tap)."""
 
     taps: torch.Tensor
-    descriptor: torch.Tensor
+    descriptor: torch.Tensor | None
 
 
 class Preprocess(nn.Module):
@@ -130,14 +131,15 @@ class Lite0Encoder(nn.Module):
         self.tap_channels = [self.STAGE_CHANNELS[t] for t in self.taps]
         self.descriptor_dim = self.STAGE_CHANNELS[-1]
 
-    def forward(self, images_bgr: torch.Tensor) -> EncoderFeatures:
+    def forward(self, images_bgr: torch.Tensor, with_descriptor: bool = True) -> EncoderFeatures:
         x = self.stem(self.preprocess(images_bgr))
         taps = []
-        for index, stage in enumerate(self.stages):
+        last = len(self.stages) - 1 if with_descriptor else self.taps[-1]
+        for index, stage in enumerate(self.stages[: last + 1]):
             x = stage(x)
             if index in self.taps:
                 taps.append(resample_to_grid(x, self.grid_size))
-        return EncoderFeatures(torch.cat(taps, dim=1), x.mean(dim=(2, 3)))
+        return EncoderFeatures(torch.cat(taps, dim=1), x.mean(dim=(2, 3)) if with_descriptor else None)
 
 
 class DinoV2Encoder(nn.Module):
@@ -168,11 +170,12 @@ class DinoV2Encoder(nn.Module):
         self.tap_channels = [net.embed_dim] * tap_groups
         self.descriptor_dim = net.embed_dim
 
-    def forward(self, images_bgr: torch.Tensor) -> EncoderFeatures:
+    def forward(self, images_bgr: torch.Tensor, with_descriptor: bool = True) -> EncoderFeatures:
         net = self.net
         x = net._pos_embed(net.patch_embed(self.preprocess(images_bgr)))
         outputs = []
-        for block in net.blocks:
+        last = len(net.blocks) - 1 if with_descriptor else self.taps[-1]
+        for block in net.blocks[: last + 1]:
             x = block(x)
             outputs.append(x)
         prefix = net.num_prefix_tokens
@@ -184,7 +187,7 @@ class DinoV2Encoder(nn.Module):
             b, n, d = tokens.shape
             grid = tokens.transpose(1, 2).reshape(b, d, self.token_grid, self.token_grid)
             groups.append(resample_to_grid(grid, self.grid_size))
-        return EncoderFeatures(torch.cat(groups, dim=1), net.norm(x)[:, 0])
+        return EncoderFeatures(torch.cat(groups, dim=1), net.norm(x)[:, 0] if with_descriptor else None)
 
 
 def _read_vit_weights(config: EncoderConfig, net: nn.Module) -> dict:

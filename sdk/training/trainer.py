@@ -204,7 +204,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
             y = torch.nn.functional.normalize(outputs[expert_index[level][j]].representation, dim=1)
             eir = eir + estimator.upper_bound(x, y)
             pairs.append((estimator, x.detach(), y.detach()))
-        total = rec + router_rec + config.loss.eir_weight * eir + config.loss.esb_weight * esb
+        total = rec + config.loss.router_weight * router_rec + config.loss.eir_weight * eir + config.loss.esb_weight * esb
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), tc.grad_clip)

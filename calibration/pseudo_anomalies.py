@@ -1,0 +1,89 @@
+"""Pseudo-anomalies synthesised from normal images, each with its pixel mask.
+
+They stand in for real defects when the accuracy of a quantized model must be checked and the user has no
+anomalous images: cut-paste (a patch of one normal image, flipped or rotated, pasted elsewhere; structural
+anomalies look like that to a reconstruction model) and Perlin-noise blemishes (an irregular smooth region
+blended towards another colour or texture: stains, contamination). Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def perlin_noise(shape: tuple[int, int], cells: int, rng: np.random.Generator) -> np.ndarray:
+    """2-D gradient (Perlin) noise in about [-1, 1], shape (H, W), with ``cells`` lattice cells across."""
+    h, w = shape
+    angles = rng.uniform(0, 2 * np.pi, (cells + 1, cells + 1))
+    gradients = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    ys, xs = np.linspace(0, cells, h, endpoint=False), np.linspace(0, cells, w, endpoint=False)
+    y, x = np.meshgrid(ys, xs, indexing="ij")
+    y0, x0 = y.astype(int), x.astype(int)
+    fy, fx = y - y0, x - x0
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        g = gradients[y0 + dy, x0 + dx]
+        return g[..., 0] * (fx - dx) + g[..., 1] * (fy - dy)
+
+    def fade(t: np.ndarray) -> np.ndarray:
+        return t * t * t * (t * (t * 6 - 15) + 10)
+
+    top = corner(0, 0) + fade(fx) * (corner(0, 1) - corner(0, 0))
+    bottom = corner(1, 0) + fade(fx) * (corner(1, 1) - corner(1, 0))
+    return (top + fade(fy) * (bottom - top)) * np.sqrt(2)
+
+
+def cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paste a rotated patch of ``donor`` into ``image`` (both H x W x 3 uint8) -> (image, bool mask)."""
+    h, w = image.shape[:2]
+    ph, pw = (int(rng.uniform(0.08, 0.25) * h) for _ in range(2))
+    sy, sx = rng.integers(0, h - ph), rng.integers(0, w - pw)
+    patch = donor[sy : sy + ph, sx : sx + pw]
+    rotation = cv2.getRotationMatrix2D((pw / 2, ph / 2), float(rng.uniform(-45, 45)), 1.0)
+    patch = cv2.warpAffine(patch, rotation, (pw, ph), borderMode=cv2.BORDER_REFLECT)
+    if rng.random() < 0.5:
+        patch = patch[:, ::-1]
+    patch = np.clip(patch.astype(np.float32) * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8)
+    ty, tx = rng.integers(0, h - ph), rng.integers(0, w - pw)
+    out = image.copy()
+    out[ty : ty + ph, tx : tx + pw] = patch
+    mask = np.zeros((h, w), bool)
+    mask[ty : ty + ph, tx : tx + pw] = True
+    return out, mask
+
+
+def perlin_blemish(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Blend an irregular Perlin-noise region towards a random colour -> (image, bool mask)."""
+    h, w = image.shape[:2]
+    for _ in range(20):
+        noise = perlin_noise((h, w), int(rng.integers(2, 6)), rng)
+        mask = noise > rng.uniform(0.35, 0.55)
+        if 0.005 * h * w < mask.sum() < 0.15 * h * w:
+            break
+    colour = rng.integers(0, 256, 3).astype(np.float32)
+    opacity = rng.uniform(0.5, 0.9)
+    # Feathered inside the mask, untouched outside it: the mask is exactly what changed.
+    soft = (cv2.GaussianBlur(mask.astype(np.float32), (5, 5), 1.5) * mask)[..., None] * opacity
+    out = image.astype(np.float32) * (1 - soft) + colour * soft
+    return np.clip(out, 0, 255).astype(np.uint8), mask
+
+
+def synthesise(normals: np.ndarray, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` pseudo-anomalies from normal images [N, H, W, 3] uint8 -> (images [count, H, W, 3], masks [count, H, W]).
+
+    Half cut-paste, half Perlin blemishes, each from a different normal image where there are enough.
+    """
+    if len(normals) == 0:
+        raise ValueError("pseudo-anomalies need at least one normal image")
+    rng = np.random.default_rng(seed)
+    images, masks = [], []
+    for i in range(count):
+        base = normals[i % len(normals)]
+        if i % 2 == 0:
+            image, mask = cut_paste(base, normals[rng.integers(len(normals))], rng)
+        else:
+            image, mask = perlin_blemish(base, rng)
+        images.append(image)
+        masks.append(mask)
+    return np.stack(images), np.stack(masks)

@@ -1,0 +1,69 @@
+"""Calibration data, pseudo-anomalies and the TensorRT calibration cache."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from amoe_sdk.calibration.data import gate_set, normal_image_paths
+from amoe_sdk.calibration.pseudo_anomalies import perlin_noise, synthesise
+from amoe_sdk.calibration.tensorrt_cache import read_tensorrt_cache, tensorrt_version_code, write_tensorrt_cache
+from amoe_sdk.errors import DataError
+
+
+def test_empty_calibration_folder_is_an_error_and_few_images_a_warning(tmp_path, sample_root):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no calibration images.*never random"):
+        normal_image_paths(empty)
+    with pytest.warns(UserWarning, match="only 16 calibration images"):
+        assert len(normal_image_paths(sample_root / "weave")) == 16  # an MVTec category means its train/good
+
+
+def test_pseudo_anomalies_change_the_image_inside_their_masks_only():
+    rng = np.random.default_rng(0)
+    normals = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    images, masks = synthesise(normals, 6, seed=1)
+    assert images.shape == (6, 64, 64, 3) and masks.shape == (6, 64, 64)
+    for image, mask, base in zip(images, masks, np.concatenate([normals, normals])[:6]):
+        assert 0 < mask.mean() < 0.3
+        changed = np.abs(image.astype(int) - base.astype(int)).max(axis=2) > 0
+        assert changed[mask].mean() > 0.5 and not changed[~mask].any()
+    again, _ = synthesise(normals, 6, seed=1)
+    assert np.array_equal(images, again)
+
+
+def test_perlin_noise_is_smooth_and_bounded():
+    noise = perlin_noise((64, 64), 4, np.random.default_rng(0))
+    assert np.abs(noise).max() <= 1.5 and noise.std() > 0.1
+    assert np.abs(np.diff(noise, axis=1)).max() < 0.3  # smooth: neighbours differ little
+
+
+def test_gate_set_labels_normals_and_anomalies(sample_root):
+    rng = np.random.default_rng(0)
+    normals = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    gate = gate_set(normals, 32)
+    assert gate.labels.tolist() == [0] * 5 + [1] * 5
+    assert not gate.masks[:5].any() and gate.masks[5:].any(axis=(1, 2)).all()
+    real = gate_set(normals, 32, val_data=sample_root / "washer")
+    assert real.labels.sum() == 6 and "anomalous images" in real.source
+
+
+def test_tensorrt_cache_has_the_header_and_one_scale_per_activation(tmp_path):
+    scale = np.array(0.05, np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["y"]),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(np.array(0, np.int8), "z")],
+    )
+    path = tmp_path / "calibration.cache"
+    assert write_tensorrt_cache(helper.make_model(graph), path, "8.6.1") == 1
+    header, scales = read_tensorrt_cache(path)
+    assert header == "TRT-8601-EntropyCalibration2" and tensorrt_version_code("10.3.0") == 10300
+    assert scales == {"x": pytest.approx(0.05)}
+    assert path.read_text().splitlines()[1] == "x: 3d4ccccd"  # 0.05 as big-endian float32
