@@ -103,6 +103,10 @@ def gated_quantize(
             "label": label, "float_groups": list(float_groups), "image_auroc": metrics.image_auroc,
             "pixel_auroc": metrics.pixel_auroc, "drop": metrics.drop_from(reference),
         })
+        tqdm.write(
+            f"INT8 try '{label}': image AUROC {metrics.image_auroc:.4f} (FP32 {reference.image_auroc:.4f}), "
+            f"pixel AUROC {metrics.pixel_auroc:.4f} (FP32 {reference.pixel_auroc:.4f})"
+        )
         return metrics
 
     metrics = attempt([], "all quantizable layers in INT8")
