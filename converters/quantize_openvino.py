@@ -4,6 +4,8 @@ layers to floating point until the drop is within ``max_drop``."""
 
 from __future__ import annotations
 
+import re
+
 import nncf
 import numpy as np
 import openvino as ov
@@ -14,10 +16,13 @@ from amoe_sdk.converters.quantize_common import FLOAT_FROM_THE_START, GateMetric
 from amoe_sdk.evaluation.metrics import auroc
 
 
-def ignored_scope() -> nncf.IgnoredScope:
-    # OpenVINO keeps the ONNX node names, so the same module-path patterns apply; validate=False because a
-    # detector without, say, component experts has no node that matches their pattern.
-    return nncf.IgnoredScope(patterns=[f".*{p}.*" for p in FLOAT_FROM_THE_START], validate=False)
+def ignored_scope(float_groups: list[str] = ()) -> nncf.IgnoredScope:
+    """Float from the start, plus whole layer groups (``encoder/stem``...) found sensitive by the search.
+
+    OpenVINO keeps the ONNX node names, so the same module-path patterns apply; validate=False because a
+    detector without, say, component experts has no node that matches their pattern."""
+    patterns = [f".*{p}.*" for p in FLOAT_FROM_THE_START] + [f".*/{re.escape(g)}/.*" for g in float_groups]
+    return nncf.IgnoredScope(patterns=patterns, validate=False)
 
 
 def quantize_openvino(
@@ -27,12 +32,18 @@ def quantize_openvino(
     batch_size: int,
     max_drop: float = 0.01,
     accuracy_control: bool = True,
+    float_groups: list[str] = (),
 ) -> tuple[ov.Model, GateMetrics, GateMetrics, list[str]]:
-    """-> (INT8 model, FP32 gate metrics, INT8 gate metrics, names of the layers NNCF left in float)."""
+    """-> (INT8 model, FP32 gate metrics, INT8 gate metrics, names of the layers left in float).
+
+    ``float_groups`` (from the ONNX Runtime search, which is much faster than NNCF's) start in float; plain NNCF
+    quantization runs first and accuracy control only when its gate still fails."""
     reference = gate_metrics(compiled_infer(model), gate, batch_size)
     usable = len(frames) - len(frames) % batch_size
     calibration = nncf.Dataset([frames[i : i + batch_size] for i in range(0, usable, batch_size)])
-    if accuracy_control:
+    quantized = nncf.quantize(model, calibration, subset_size=usable, ignored_scope=ignored_scope(float_groups))
+    final = gate_metrics(compiled_infer(quantized), gate, batch_size)
+    if accuracy_control and final.drop_from(reference) > max_drop:
         indices = list(range(0, len(gate.frames) - len(gate.frames) % batch_size, batch_size))
 
         def validate(compiled: ov.CompiledModel, items) -> tuple[float, None]:
@@ -55,11 +66,9 @@ def quantize_openvino(
 
         quantized = nncf.quantize_with_accuracy_control(
             model, calibration, nncf.Dataset(indices), validate, max_drop=max_drop,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=usable, ignored_scope=ignored_scope(),
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=usable, ignored_scope=ignored_scope(float_groups),
         )
-    else:
-        quantized = nncf.quantize(model, calibration, subset_size=usable, ignored_scope=ignored_scope())
-    final = gate_metrics(compiled_infer(quantized), gate, batch_size)
+        final = gate_metrics(compiled_infer(quantized), gate, batch_size)
     return quantized, reference, final, float_layers(quantized)
 
 

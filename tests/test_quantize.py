@@ -27,7 +27,7 @@ def onnx_int8_bundle(tiny_run, tmp_path_factory):
 def test_int8_onnx_bundle_reports_the_gate_and_remeasures_the_threshold(onnx_int8_bundle):
     manifest = json.loads((onnx_int8_bundle / "manifest.json").read_text())
     q = manifest["quantization"]
-    assert {"fp32", "int8", "drop", "passed", "float_layers", "threshold_fp32", "threshold_shift", "tries"} <= set(q)
+    assert {"fp32", "int8", "drop", "passed", "float_layers", "threshold_fp32", "threshold_shift", "tries", "gate_label_flips"} <= set(q)
     assert q["tries"][0]["label"] == "all quantizable layers in INT8"
     assert any("/router/" in name for name in q["float_layers"])  # float from the start
     assert manifest["threshold"]["image"] == pytest.approx(q["threshold_fp32"] + q["threshold_shift"])
