@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from amoe_sdk.checkpoint import load_detector
 from amoe_sdk.converters.bundle_writer import BundleWriter
 from amoe_sdk.converters.folding import expert_names, fold_routing
-from amoe_sdk.converters.graph import INPUT_NAME, OUTPUT_NAMES, EdgeGraph
+from amoe_sdk.converters.graph import INPUT_NAME, EdgeGraph, infer_in_batches
 from amoe_sdk.converters.onnx_export import OPSET, check_finite, export_onnx, save_with_metadata, to_fp16
 from amoe_sdk.converters.openvino_export import compiled_infer, save_openvino
 from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
@@ -82,15 +82,10 @@ def calibration_paths(payload: dict, calib_data: Path | None) -> tuple[list[Path
 def artifact_scores(bundle: Bundle, backend: str, device: str | None, images_nhwc: np.ndarray, batch_size: int) -> np.ndarray:
     """Image scores of the artifact itself on uint8 [N, S, S, 3] frames."""
     runner = create_backend(bundle, backend, device)
-    scores = []
     try:
-        for start in range(0, len(images_nhwc), batch_size):
-            chunk = images_nhwc[start : start + batch_size]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-            scores.append(runner.infer(np.ascontiguousarray(padded))["score"][: len(chunk)])
+        return infer_in_batches(runner.infer, images_nhwc, batch_size)["score"].astype(np.float64)
     finally:
         runner.close()
-    return np.concatenate(scores).astype(np.float64)
 
 
 def _tensorrt_device_present() -> bool:
@@ -180,7 +175,7 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
 
             ov_model = ov.Core().read_model(str(writer.path("measure.xml")))
             infer = compiled_infer(ov_model)
-            threshold = _threshold(_scores_of(infer, nhwc, options.batch_size), options.threshold_sigma, source, measure_as)
+            threshold = _threshold(infer_in_batches(infer, nhwc, options.batch_size)["score"].astype(np.float64), options.threshold_sigma, source, measure_as)
             save_openvino(ov_model, writer.path("model.xml"), False, threshold, core_keys)
             del ov_model, infer
             writer.path("measure.xml").unlink()
@@ -328,15 +323,6 @@ def _openvino_model(onnx_path: Path, options: ConvertOptions, frames, gate):
     report["float_groups"] = search["float_groups"]
     _check_gate(report, options)
     return quantized, report
-
-
-def _scores_of(infer, frames: np.ndarray, batch_size: int) -> np.ndarray:
-    scores = []
-    for start in range(0, len(frames), batch_size):
-        chunk = frames[start : start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-        scores.append(infer(np.ascontiguousarray(padded))["score"][: len(chunk)])
-    return np.concatenate(scores).astype(np.float64)
 
 
 def _threshold(scores: np.ndarray, sigma: float, source: str, backend: str) -> dict:

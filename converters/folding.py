@@ -16,8 +16,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from amoe_sdk.errors import ConversionError
-from amoe_sdk.models.detector import AnomalyMoE, DetectorOutput, upsample_and_score
-from amoe_sdk.models.layers import FP16_SAFE_EPS
+from amoe_sdk.models.detector import (
+    AnomalyMoE, DetectorOutput, normalise_expert_maps, standardise_taps, upsample_and_score,
+)
 
 
 def expert_names(model: AnomalyMoE) -> list[str]:
@@ -96,8 +97,7 @@ class FoldedDetector(nn.Module):
 
     def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:
         features = self.encoder(images_bgr, with_descriptor=False)  # no router: stop after the last tap
-        x = (features.taps - self.feature_mean.view(1, -1, 1, 1)) / self.feature_std.view(1, -1, 1, 1)
-        tokens = x.flatten(2).transpose(1, 2)
+        tokens = standardise_taps(features.taps, self.feature_mean, self.feature_std)
         slots = self.assigner(tokens) if self.assigner is not None else None
         maps = []
         for level, expert in zip(self.levels, self.experts):
@@ -108,8 +108,7 @@ class FoldedDetector(nn.Module):
             else:
                 maps.append(expert(images_bgr).anomaly_map)
         expert_maps = torch.cat(maps, dim=1)  # [B, K, G, G]
-        span = (self.map_high - self.map_low).clamp_min(FP16_SAFE_EPS)
-        normed = (expert_maps - self.map_low.view(1, -1, 1, 1)) / span.view(1, -1, 1, 1)
+        normed = normalise_expert_maps(expert_maps, self.map_low, self.map_high)
         grid_map = (self.fusion.view(1, -1, 1, 1) * normed).sum(dim=1, keepdim=True)
         full, score = upsample_and_score(grid_map, self.blur, self.config.input_size, self.config.postprocess.top_percent)
         b = images_bgr.shape[0]

@@ -7,6 +7,9 @@ the whole contract, and it is the same for every backend.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -28,3 +31,17 @@ class EdgeGraph(nn.Module):
         x = images.permute(0, 3, 1, 2).to(torch.float32)
         out = self.detector(x)
         return out.anomaly_map, out.score, out.routing_weights
+
+
+def infer_in_batches(infer: Callable[[np.ndarray], dict[str, np.ndarray]], frames: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Run uint8 frames [N, S, S, 3] through a fixed-batch ``infer`` -> each output concatenated over the N frames.
+
+    A short last chunk is padded with copies of its last frame, and the padding's outputs are dropped.
+    """
+    outputs: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start : start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+        for name, value in infer(np.ascontiguousarray(padded)).items():
+            outputs.setdefault(name, []).append(value[: len(chunk)])
+    return {name: np.concatenate(values) for name, values in outputs.items()}

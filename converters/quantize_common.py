@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from amoe_sdk.calibration.data import GateSet
+from amoe_sdk.converters.graph import infer_in_batches
 from amoe_sdk.evaluation.metrics import auroc
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -40,11 +41,8 @@ def always_float(name: str) -> bool:
 def layer_group(name: str) -> str:
     """The unit the sensitivity search keeps in float together: an encoder stage, or a block of one expert."""
     parts = [p for p in name.split("/") if p]
-    if len(parts) >= 3 and parts[1] == "encoder":
-        return "/".join(parts[1:3])  # encoder/stem, encoder/stages.3
-    if len(parts) >= 3:
-        return "/".join(parts[1:3])  # patch_experts.0/blocks.1, global_experts.1/student
-    return "/".join(parts[1:2]) or name
+    # encoder/stem, encoder/stages.3, patch_experts.0/blocks.1, global_experts.1/student ...
+    return "/".join(parts[1:3]) or name
 
 
 def quantizable_groups(model: onnx.ModelProto) -> "OrderedDict[str, list[str]]":
@@ -75,13 +73,6 @@ class GateMetrics:
 
 def gate_metrics(infer: Callable[[np.ndarray], dict[str, np.ndarray]], gate: GateSet, batch_size: int) -> GateMetrics:
     """Image and pixel AUROC of an artifact (``infer`` takes a uint8 [B, S, S, 3] batch) on the gate set."""
-    scores, maps, routing = [], [], []
-    for start in range(0, len(gate.frames), batch_size):
-        chunk = gate.frames[start : start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-        out = infer(np.ascontiguousarray(padded))
-        scores.append(out["score"][: len(chunk)])
-        maps.append(out["anomaly_map"][: len(chunk), 0])
-        routing.append(out["routing_weights"][: len(chunk)])
-    scores, maps = np.concatenate(scores).astype(np.float64), np.concatenate(maps).astype(np.float32)
-    return GateMetrics(auroc(gate.labels, scores), auroc(gate.masks, maps), scores, maps, np.concatenate(routing))
+    outputs = infer_in_batches(infer, gate.frames, batch_size)
+    scores, maps = outputs["score"].astype(np.float64), outputs["anomaly_map"][:, 0].astype(np.float32)
+    return GateMetrics(auroc(gate.labels, scores), auroc(gate.masks, maps), scores, maps, outputs["routing_weights"])

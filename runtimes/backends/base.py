@@ -6,8 +6,6 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-OUTPUT_NAMES = ("anomaly_map", "score", "routing_weights")
-
 
 class Backend(ABC):
     """``infer(batch uint8 [B, S, S, 3])`` -> {output name: array}; ``B`` and ``S`` are the bundle's."""

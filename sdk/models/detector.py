@@ -35,6 +35,18 @@ class DetectorOutput:
     expert_maps: torch.Tensor
 
 
+def standardise_taps(taps: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[B, C, G, G] raw taps, per-channel [C] statistics -> [B, N, C] standardised tokens."""
+    x = (taps - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return x.flatten(2).transpose(1, 2)
+
+
+def normalise_expert_maps(expert_maps: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """[B, E, G, G] raw maps, per-expert [E] validation quantiles -> (map - low) / (high - low)."""
+    span = (high - low).clamp_min(FP16_SAFE_EPS)
+    return (expert_maps - low.view(1, -1, 1, 1)) / span.view(1, -1, 1, 1)
+
+
 def upsample_and_score(grid_map: torch.Tensor, blur: nn.Module, size: int, top_percent: float) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, 1, G, G] fused map -> (map [B, 1, S, S] upsampled and blurred, score [B] = mean of its top pixels)."""
     full = blur(F.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=False))
@@ -107,8 +119,7 @@ class AnomalyMoE(nn.Module):
 
     def standardise(self, taps: torch.Tensor) -> torch.Tensor:
         """[B, C, G, G] raw taps -> [B, N, C] standardised tokens."""
-        x = (taps - self.feature_mean.view(1, -1, 1, 1)) / self.feature_std.view(1, -1, 1, 1)
-        return x.flatten(2).transpose(1, 2)
+        return standardise_taps(taps, self.feature_mean, self.feature_std)
 
     def run_experts(
         self,
@@ -150,8 +161,7 @@ class AnomalyMoE(nn.Module):
 
     def normalise_maps(self, expert_maps: torch.Tensor) -> torch.Tensor:
         """[B, E, G, G] raw maps -> the same, normalised with each expert's validation statistics."""
-        span = (self.map_high - self.map_low).clamp_min(FP16_SAFE_EPS)
-        return (expert_maps - self.map_low.view(1, -1, 1, 1)) / span.view(1, -1, 1, 1)
+        return normalise_expert_maps(expert_maps, self.map_low, self.map_high)
 
     def fuse(self, expert_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Routed fusion on the grid: [B, E, G, G] raw maps, [B, E] router logits and weights -> [B, 1, G, G]."""
