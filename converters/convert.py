@@ -25,6 +25,7 @@ from amoe_sdk.converters.folding import expert_names, fold_routing
 from amoe_sdk.converters.graph import INPUT_NAME, EdgeGraph, infer_in_batches
 from amoe_sdk.converters.onnx_export import OPSET, check_finite, export_onnx, save_with_metadata, to_fp16
 from amoe_sdk.converters.openvino_export import compiled_infer, save_openvino
+from amoe_sdk.converters.quantize_common import MAX_FLIPPED_SHARE
 from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
 from amoe_sdk.calibration.data import MIN_CALIBRATION_IMAGES as MIN_INT8_IMAGES, gate_set, load_frames, normal_image_paths
 from amoe_sdk.calibration.tensorrt_cache import write_tensorrt_cache
@@ -206,13 +207,8 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
                                         "artifacts": {"onnx": "model.onnx"}, "input": manifest["input"]})
             threshold = _threshold(artifact_scores(probe, "onnxruntime", None, nhwc, options.batch_size), options.threshold_sigma, source, measure_as)
         if quantization is not None:
-            fp32_threshold = _threshold(quantization.pop("fp32_normal_scores"), options.threshold_sigma, source, measure_as)["image"]
-            quantization["threshold_fp32"] = fp32_threshold
+            fp32_threshold = quantization["threshold_fp32"]
             quantization["threshold_shift"] = threshold["image"] - fp32_threshold
-            # Ranks can survive while the verdicts do not (scores squeezed together): count the gate images
-            # whose verdict at each model's own threshold differs between FP32 and INT8.
-            fp32_scores, int8_scores = quantization.pop("gate_scores")
-            quantization["gate_label_flips"] = int(((fp32_scores > fp32_threshold) != (int8_scores > threshold["image"])).sum())
             print(
                 f"INT8 gate {'passed' if quantization['passed'] else 'FAILED'}: image AUROC {quantization['fp32']['image_auroc']:.4f} -> "
                 f"{quantization['int8']['image_auroc']:.4f}, pixel AUROC {quantization['fp32']['pixel_auroc']:.4f} -> "
@@ -258,7 +254,6 @@ def _quantization_report(result_reference, result_final, float_layers: list[str]
     changed = [
         int(i) for i in np.nonzero(((result_reference.routing > 0) != (result_final.routing > 0)).any(axis=1))[0]
     ]
-    n_normal = int((gate.labels == 0).sum())
     return {
         "method": options.calib_method if options.target != "intel" else ("nncf accuracy control" if options.accuracy_control else "nncf"),
         "max_drop": options.max_drop,
@@ -266,12 +261,13 @@ def _quantization_report(result_reference, result_final, float_layers: list[str]
         "fp32": {"image_auroc": result_reference.image_auroc, "pixel_auroc": result_reference.pixel_auroc},
         "int8": {"image_auroc": result_final.image_auroc, "pixel_auroc": result_final.pixel_auroc},
         "drop": result_final.drop_from(result_reference),
+        "gate_label_flips": result_final.flips_from(result_reference),
+        "gate_images": len(gate.labels),
         "passed": passed,
         "float_layers": float_layers,
         "routing_changed_images": changed if options.routing == "dense" else [],
         "tries": tries,
-        "fp32_normal_scores": result_reference.scores[:n_normal],
-        "gate_scores": (result_reference.scores, result_final.scores),
+        "threshold_fp32": result_reference.threshold,
     }
 
 
@@ -280,7 +276,8 @@ def _check_gate(report: dict, options: ConvertOptions) -> None:
         return
     raise ConversionError(
         f"INT8 misses the accuracy gate (--max-drop {options.max_drop}): image AUROC {report['fp32']['image_auroc']:.4f} -> "
-        f"{report['int8']['image_auroc']:.4f}, pixel AUROC {report['fp32']['pixel_auroc']:.4f} -> {report['int8']['pixel_auroc']:.4f} "
+        f"{report['int8']['image_auroc']:.4f}, pixel AUROC {report['fp32']['pixel_auroc']:.4f} -> {report['int8']['pixel_auroc']:.4f}, "
+        f"{report['gate_label_flips']} gate verdict(s) flipped (at most {max(1, int(np.ceil(MAX_FLIPPED_SHARE * report['gate_images'])))} allowed) "
         f"even with {len(report['float_layers'])} layer(s) in float; use --precision fp16, raise --max-drop, or --force to keep it"
     )
 
@@ -296,7 +293,7 @@ def _quantize_onnx(fp32_path: Path, out_path: Path, frames: np.ndarray, gate, op
         return lambda batch: dict(zip(names, session.run(names, {INPUT_NAME: batch})))
 
     result = gated_quantize(fp32_path, out_path, frames, gate, options.batch_size, make_infer, options.max_drop,
-                            options.calib_method, for_tensorrt=options.target == "jetson")
+                            options.calib_method, for_tensorrt=options.target == "jetson", sigma=options.threshold_sigma)
     report = _quantization_report(result.reference, result.final, result.float_nodes, result.passed, options, result.tries, gate)
     report["float_groups"] = result.float_groups
     if enforce:
@@ -317,9 +314,9 @@ def _openvino_model(onnx_path: Path, options: ConvertOptions, frames, gate):
     search = _quantize_onnx(onnx_path, onnx_path.with_name("search.onnx"), frames, gate, options, enforce=False)
     onnx_path.with_name("search.onnx").unlink(missing_ok=True)
     quantized, reference, final, float_layers = quantize_openvino(
-        model, frames, gate, options.batch_size, options.max_drop, options.accuracy_control, search["float_groups"]
+        model, frames, gate, options.batch_size, options.max_drop, options.accuracy_control, search["float_groups"], options.threshold_sigma
     )
-    report = _quantization_report(reference, final, float_layers, final.drop_from(reference) <= options.max_drop, options, search["tries"], gate)
+    report = _quantization_report(reference, final, float_layers, final.passes(reference, options.max_drop), options, search["tries"], gate)
     report["float_groups"] = search["float_groups"]
     _check_gate(report, options)
     return quantized, report

@@ -21,17 +21,26 @@ from amoe_sdk.evaluation.metrics import auroc
 
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 
+# An expert's module path: ``patch_experts.0`` in a dense detector, ``experts.0`` in a folded one.
+EXPERT = r"(?:patch_|component_|global_)?experts\.\d+"
+
 # Kept in floating point from the start: a flipped routing or component assignment, or a shifted distance or
 # normalisation, changes the anomaly signal itself rather than adding noise to it.
 FLOAT_FROM_THE_START = (
     r"/router/",
     r"/assigner/",
     r"/blur/",
-    r"/patch_experts\.\d+/head/",
-    r"/component_experts\.\d+/decoder/fc2/",
-    r"/global_experts\.\d+/ae_head/",
-    r"/global_experts\.\d+/student/student\.6/",
+    rf"/{EXPERT}/head/",
+    rf"/{EXPERT}/decoder/fc2/",
+    rf"/{EXPERT}/ae_head/",
+    rf"/{EXPERT}/student/student\.6/",
 )
+
+# The anomaly signal's own path: each expert's distance between features and reconstruction (ops directly under
+# an expert) and the detector's normalisation, fusion, upsampling and top-k (ops directly under the detector).
+# Its values on anomalies lie beyond anything normal calibration images produce, so a quantizer calibrated on
+# them clips exactly the anomalies (measured on kit: every anomalous score pinned at the normal maximum).
+SIGNAL_PATH = (rf"^/detector/[^/]+$", rf"^/detector/{EXPERT}/[^/]+$")
 
 
 def always_float(name: str) -> bool:
@@ -58,21 +67,43 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES and always_float(n.name)]
 
 
+# AUROC only ranks: scores squeezed into a narrow band keep their order and lose every verdict. So the gate also
+# bounds the gate images whose verdict, each model at its own threshold, differs from FP32's.
+MAX_FLIPPED_SHARE = 0.05
+
+
 @dataclass
 class GateMetrics:
+    """One artifact on the gate set. ``threshold``: mean + sigma * std of its own scores on the normal images,
+    the rule ``convert`` applies to the bundle, so verdicts compare as they will be deployed."""
+
     image_auroc: float
     pixel_auroc: float
     scores: np.ndarray
     maps: np.ndarray
     routing: np.ndarray
+    threshold: float
+
+    @property
+    def verdicts(self) -> np.ndarray:
+        return self.scores > self.threshold
 
     def drop_from(self, reference: "GateMetrics") -> float:
         """The larger of the image and pixel AUROC drops (positive = worse)."""
         return max(reference.image_auroc - self.image_auroc, reference.pixel_auroc - self.pixel_auroc)
 
+    def flips_from(self, reference: "GateMetrics") -> int:
+        return int((self.verdicts != reference.verdicts).sum())
 
-def gate_metrics(infer: Callable[[np.ndarray], dict[str, np.ndarray]], gate: GateSet, batch_size: int) -> GateMetrics:
-    """Image and pixel AUROC of an artifact (``infer`` takes a uint8 [B, S, S, 3] batch) on the gate set."""
+    def passes(self, reference: "GateMetrics", max_drop: float) -> bool:
+        allowed_flips = max(1, int(np.ceil(MAX_FLIPPED_SHARE * len(self.scores))))
+        return self.drop_from(reference) <= max_drop and self.flips_from(reference) <= allowed_flips
+
+
+def gate_metrics(infer: Callable[[np.ndarray], dict[str, np.ndarray]], gate: GateSet, batch_size: int, sigma: float = 3.0) -> GateMetrics:
+    """Image and pixel AUROC and verdicts of an artifact (``infer`` takes a uint8 [B, S, S, 3] batch) on the gate set."""
     outputs = infer_in_batches(infer, gate.frames, batch_size)
     scores, maps = outputs["score"].astype(np.float64), outputs["anomaly_map"][:, 0].astype(np.float32)
-    return GateMetrics(auroc(gate.labels, scores), auroc(gate.masks, maps), scores, maps, outputs["routing_weights"])
+    normal = scores[gate.labels == 0]
+    threshold = float(normal.mean() + sigma * (normal.std(ddof=1) if len(normal) > 1 else 0.0))
+    return GateMetrics(auroc(gate.labels, scores), auroc(gate.masks, maps), scores, maps, outputs["routing_weights"], threshold)

@@ -54,7 +54,13 @@ class QuantizeResult:
     tries: list[dict] = field(default_factory=list)
 
 
-def quantize_qdq(fp32_path: Path, out_path: Path, frames: np.ndarray, batch_size: int, method: str, exclude: list[str], for_tensorrt: bool) -> None:
+def quantize_qdq(
+    fp32_path: Path, out_path: Path, frames: np.ndarray, batch_size: int, method: str, exclude: list[str],
+    for_tensorrt: bool, ranges_cache: Path | None = None,
+) -> None:
+    """``ranges_cache``: a JSON file of calibrated tensor ranges, written by the first call and read by the next
+    ones. The ranges cover every Conv/MatMul/Gemm input whatever ``exclude`` says, so the search's tries share
+    one calibration pass instead of running the calibration images again for each try."""
     symmetric = {"ActivationSymmetric": True, "WeightSymmetric": True} if for_tensorrt else {}
     quantize_static(
         str(fp32_path), str(out_path), FramesReader(frames, batch_size),
@@ -67,6 +73,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, frames: np.ndarray, batch_size
         nodes_to_exclude=exclude,
         calibrate_method=CALIBRATION_METHODS[method],
         extra_options={**symmetric, "CalibMovingAverage": False},
+        calibration_cache_path=str(ranges_cache) if ranges_cache is not None else None,
     )
 
 
@@ -80,10 +87,12 @@ def gated_quantize(
     max_drop: float = 0.01,
     method: str = "minmax",
     for_tensorrt: bool = False,
+    sigma: float = 3.0,
 ) -> QuantizeResult:
     """Quantize, measure the gate, and while it fails keep the most sensitive layer group in float.
 
-    Sensitivity of a group: the gate drop when only that group is quantized and everything else stays in float.
+    Sensitivity of a group: the gate drop (then the verdict flips) when only that group is quantized and
+    everything else stays in float.
     Measured that way, one group's damage is not hidden by the others' (with everything else quantized, no
     single group brought any recovery on kit, although two of them together held the whole drop). Groups then
     return to float in order of damage, one at a time, until the gate holds.
@@ -91,41 +100,48 @@ def gated_quantize(
     model = onnx.load(str(fp32_path))
     groups = quantizable_groups(model)
     base_float = float_nodes(model)
-    reference = gate_metrics(make_infer(fp32_path), gate, batch_size)
+    reference = gate_metrics(make_infer(fp32_path), gate, batch_size, sigma)
     tries: list[dict] = []
 
     def excluded(float_groups: list[str]) -> list[str]:
         return base_float + [n for g in float_groups for n in groups[g]]
 
+    ranges_cache = out_path.with_name(out_path.stem + ".ranges.json")
+    ranges_cache.unlink(missing_ok=True)
+
     def attempt(float_groups: list[str], label: str) -> GateMetrics:
         exclude = excluded(float_groups)
-        quantize_qdq(fp32_path, out_path, frames, batch_size, method, exclude, for_tensorrt)
-        metrics = gate_metrics(make_infer(out_path), gate, batch_size)
+        quantize_qdq(fp32_path, out_path, frames, batch_size, method, exclude, for_tensorrt, ranges_cache)
+        metrics = gate_metrics(make_infer(out_path), gate, batch_size, sigma)
         tries.append({
             "label": label, "float_groups": list(float_groups), "image_auroc": metrics.image_auroc,
-            "pixel_auroc": metrics.pixel_auroc, "drop": metrics.drop_from(reference),
+            "pixel_auroc": metrics.pixel_auroc, "drop": metrics.drop_from(reference), "verdict_flips": metrics.flips_from(reference),
         })
         tqdm.write(
             f"INT8 try '{label}': image AUROC {metrics.image_auroc:.4f} (FP32 {reference.image_auroc:.4f}), "
-            f"pixel AUROC {metrics.pixel_auroc:.4f} (FP32 {reference.pixel_auroc:.4f})"
+            f"pixel AUROC {metrics.pixel_auroc:.4f} (FP32 {reference.pixel_auroc:.4f}), {metrics.flips_from(reference)} verdict(s) flipped"
         )
         return metrics
 
-    metrics = attempt([], "all quantizable layers in INT8")
-    if metrics.drop_from(reference) <= max_drop:
-        return QuantizeResult(reference, metrics, [], excluded([]), True, tries)
-    damage = {}
-    for group in tqdm(list(groups), desc="sensitivity", unit="group", leave=False):
-        others = [g for g in groups if g != group]
-        damage[group] = attempt(others, f"only {group} in INT8").drop_from(reference)
-    ranked = sorted(groups, key=lambda g: -damage[g])
-    kept: list[str] = []
-    for group in ranked:
-        kept.append(group)
-        if len(kept) == len(groups):
-            break
-        metrics = attempt(kept, f"{len(kept)} group(s) in float")
-        if metrics.drop_from(reference) <= max_drop:
-            return QuantizeResult(reference, metrics, kept, excluded(kept), True, tries)
-    # Nothing left worth quantizing: the gate cannot hold with INT8 on this model.
-    return QuantizeResult(reference, metrics, kept, excluded(kept), False, tries)
+    try:
+        metrics = attempt([], "all quantizable layers in INT8")
+        if metrics.passes(reference, max_drop):
+            return QuantizeResult(reference, metrics, [], excluded([]), True, tries)
+        damage = {}
+        for group in tqdm(list(groups), desc="sensitivity", unit="group", leave=False):
+            others = [g for g in groups if g != group]
+            alone = attempt(others, f"only {group} in INT8")
+            damage[group] = (alone.drop_from(reference), alone.flips_from(reference))
+        ranked = sorted(groups, key=lambda g: (-damage[g][0], -damage[g][1]))
+        kept: list[str] = []
+        for group in ranked:
+            kept.append(group)
+            if len(kept) == len(groups):
+                break
+            metrics = attempt(kept, f"{len(kept)} group(s) in float")
+            if metrics.passes(reference, max_drop):
+                return QuantizeResult(reference, metrics, kept, excluded(kept), True, tries)
+        # Nothing left worth quantizing: the gate cannot hold with INT8 on this model.
+        return QuantizeResult(reference, metrics, kept, excluded(kept), False, tries)
+    finally:
+        ranges_cache.unlink(missing_ok=True)

@@ -1,6 +1,11 @@
 """INT8 for OpenVINO with NNCF: post-training quantization, or NNCF's accuracy-controlled quantization driven by
 our anomaly gate (image and pixel AUROC on held-out normals plus anomalies), which returns the most sensitive
-layers to floating point until the drop is within ``max_drop``."""
+layers to floating point until the drop is within ``max_drop``.
+
+Two NNCF defaults erase the anomaly signal and are overridden here: FakeQuantize on the distance, normalisation
+and fusion ops (``SIGNAL_PATH``), and activation ranges from the *mean* of each calibration image's extremes,
+which clip feature values that only anomalies reach. Both pinned every anomalous kit score at the normal maximum.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +14,68 @@ import re
 import nncf
 import numpy as np
 import openvino as ov
+import openvino.opset13 as opset
+from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
 from amoe_sdk.calibration.data import GateSet
 from amoe_sdk.converters.openvino_export import compiled_infer
-from amoe_sdk.converters.quantize_common import FLOAT_FROM_THE_START, GateMetrics, gate_metrics
+from amoe_sdk.converters.quantize_common import FLOAT_FROM_THE_START, SIGNAL_PATH, GateMetrics, gate_metrics
+from amoe_sdk.errors import ConversionError
 from amoe_sdk.evaluation.metrics import auroc
 
+# Absolute min/max over the calibration set (NNCF's default averages each image's extremes).
+ADVANCED = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
 
-def ignored_scope(float_groups: list[str] = ()) -> nncf.IgnoredScope:
-    """Float from the start, plus whole layer groups (``encoder/stem``...) found sensitive by the search.
+
+def output_ops(model: ov.Model) -> list[str]:
+    """The ops that produce the graph outputs: OpenVINO renames them after their output tensor (the last blur
+    convolution is called ``anomaly_map``), so no module-path pattern can reach them."""
+    return [out.get_node().input_value(0).get_node().get_friendly_name() for out in model.outputs]
+
+
+def ignored_scope(model: ov.Model, float_groups: list[str] = ()) -> nncf.IgnoredScope:
+    """Float from the start, the signal path, plus whole layer groups (``encoder/stem``...) found sensitive.
 
     OpenVINO keeps the ONNX node names, so the same module-path patterns apply; validate=False because a
     detector without, say, component experts has no node that matches their pattern."""
-    patterns = [f".*{p}.*" for p in FLOAT_FROM_THE_START] + [f".*/{re.escape(g)}/.*" for g in float_groups]
-    return nncf.IgnoredScope(patterns=patterns, validate=False)
+    patterns = [f".*{p}.*" for p in FLOAT_FROM_THE_START] + list(SIGNAL_PATH) + [f".*/{re.escape(g)}/.*" for g in float_groups]
+    return nncf.IgnoredScope(names=output_ops(model), patterns=patterns, validate=False)
+
+
+def check_signal_path_float(model: ov.Model) -> None:
+    """Refuse a model with a FakeQuantize on the signal path: it would clip anomalies to the normal range."""
+    protected = set(output_ops(model))
+    offending = sorted({
+        consumer.get_node().get_friendly_name()
+        for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+        for consumer in op.output(0).get_target_inputs()
+        if consumer.get_node().get_friendly_name() in protected
+        or any(re.match(p, consumer.get_node().get_friendly_name()) for p in SIGNAL_PATH)
+    })
+    if offending:
+        raise ConversionError(
+            f"NNCF quantized {len(offending)} op(s) on the anomaly signal's path ({', '.join(offending[:3])}...); "
+            "their names no longer match SIGNAL_PATH in amoe_sdk.converters.quantize_common: add them there"
+        )
+
+
+def store_float_weights_fp16(model: ov.Model) -> int:
+    """Store the weights of the layers left in float as FP16 + Convert, as OpenVINO's FP16 compression would:
+    ``save_model`` skips that compression for any model with a FakeQuantize. Computation stays FP32.
+    -> the number of weight tensors converted."""
+    converted = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f32 or int(np.prod(list(op.get_output_shape(0)))) < 1024:
+            continue
+        consumers = list(op.output(0).get_target_inputs())
+        if not all(c.get_node().get_type_name() in ("Convolution", "GroupConvolution", "MatMul", "Reshape") for c in consumers):
+            continue
+        widened = opset.convert(opset.constant(op.get_data().astype(np.float16)), ov.Type.f32)
+        for consumer in consumers:
+            consumer.replace_source_output(widened.output(0))
+        converted += 1
+    return converted
 
 
 def quantize_openvino(
@@ -33,17 +86,19 @@ def quantize_openvino(
     max_drop: float = 0.01,
     accuracy_control: bool = True,
     float_groups: list[str] = (),
+    sigma: float = 3.0,
 ) -> tuple[ov.Model, GateMetrics, GateMetrics, list[str]]:
     """-> (INT8 model, FP32 gate metrics, INT8 gate metrics, names of the layers left in float).
 
     ``float_groups`` (from the ONNX Runtime search, which is much faster than NNCF's) start in float; plain NNCF
     quantization runs first and accuracy control only when its gate still fails."""
-    reference = gate_metrics(compiled_infer(model), gate, batch_size)
+    reference = gate_metrics(compiled_infer(model), gate, batch_size, sigma)
     usable = len(frames) - len(frames) % batch_size
     calibration = nncf.Dataset([frames[i : i + batch_size] for i in range(0, usable, batch_size)])
-    quantized = nncf.quantize(model, calibration, subset_size=usable, ignored_scope=ignored_scope(float_groups))
-    final = gate_metrics(compiled_infer(quantized), gate, batch_size)
-    if accuracy_control and final.drop_from(reference) > max_drop:
+    quantized = nncf.quantize(model, calibration, subset_size=usable, ignored_scope=ignored_scope(model, float_groups), advanced_parameters=ADVANCED)
+    store_float_weights_fp16(quantized)
+    final = gate_metrics(compiled_infer(quantized), gate, batch_size, sigma)
+    if accuracy_control and not final.passes(reference, max_drop):
         indices = list(range(0, len(gate.frames) - len(gate.frames) % batch_size, batch_size))
 
         def validate(compiled: ov.CompiledModel, items) -> tuple[float, None]:
@@ -66,9 +121,12 @@ def quantize_openvino(
 
         quantized = nncf.quantize_with_accuracy_control(
             model, calibration, nncf.Dataset(indices), validate, max_drop=max_drop,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=usable, ignored_scope=ignored_scope(float_groups),
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=usable, ignored_scope=ignored_scope(model, float_groups),
+            advanced_quantization_parameters=ADVANCED,
         )
-        final = gate_metrics(compiled_infer(quantized), gate, batch_size)
+        store_float_weights_fp16(quantized)
+        final = gate_metrics(compiled_infer(quantized), gate, batch_size, sigma)
+    check_signal_path_float(quantized)
     return quantized, reference, final, float_layers(quantized)
 
 

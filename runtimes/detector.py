@@ -108,37 +108,57 @@ class EdgeDetector:
 
     def _run_chunk(self, frames: list[np.ndarray], offset: int) -> list[DetectionResult]:
         started = time.perf_counter()
-        resized = [resize_to_input(check_frame(f, f"frame {offset + i}"), self.input_size) for i, f in enumerate(frames)]
-        # The graph has a fixed batch: pad a short last chunk with copies and drop their outputs.
-        resized += [resized[-1]] * (self.batch_size - len(resized))
-        batch = np.ascontiguousarray(np.stack(resized))
+        batch = self.prepare(frames, offset)
         prepared = time.perf_counter()
         outputs = self.backend.infer(batch)
         inferred = time.perf_counter()
+        results = self.results(frames, outputs)
+        done = time.perf_counter()
+        share = 1000.0 / len(frames)
+        for result in results:
+            result.timings_ms = {"pre": (prepared - started) * share, "infer": (inferred - prepared) * share, "post": (done - inferred) * share}
+        return results
+
+    def prepare(self, frames: list[np.ndarray], offset: int = 0) -> np.ndarray:
+        """Check and resize up to ``batch_size`` frames -> the uint8 [B, S, S, 3] batch the backend takes."""
+        resized = [resize_to_input(check_frame(f, f"frame {offset + i}"), self.input_size) for i, f in enumerate(frames)]
+        # The graph has a fixed batch: pad a short last chunk with copies and drop their outputs.
+        resized += [resized[-1]] * (self.batch_size - len(resized))
+        return np.ascontiguousarray(np.stack(resized))
+
+    def results(self, frames: list[np.ndarray], outputs: dict[str, np.ndarray]) -> list[DetectionResult]:
+        """The backend's outputs for ``prepare(frames)`` -> one ``DetectionResult`` per frame, maps at frame size."""
         results = []
         for i, frame in enumerate(frames):
             score = float(outputs["score"][i])
-            full = map_to_frame(outputs["anomaly_map"][i, 0], frame.shape[0], frame.shape[1])
             results.append(
                 DetectionResult(
                     score=score,
                     normalized_score=float(np.clip(0.5 * score / self.threshold, 0.0, 1.0)),
                     is_anomaly=score > self.threshold,
-                    anomaly_map=full,
+                    anomaly_map=map_to_frame(outputs["anomaly_map"][i, 0], frame.shape[0], frame.shape[1]),
                     threshold=self.threshold,
                     pixel_threshold=self.pixel_threshold,
                     image=frame,
                 )
             )
-        done = time.perf_counter()
-        share = 1000.0 / len(frames)
-        for result in results:
-            result.timings_ms = {
-                "pre": (prepared - started) * share,
-                "infer": (inferred - prepared) * share,
-                "post": (done - inferred) * share,
-            }
         return results
+
+    def stream(self, source, policy: str = "latest", depth: int = 2, **options) -> "Stream":
+        """Results for a live or recorded source, captured in a thread and inferred ``depth`` frames at a time.
+
+        source: a camera index, a video file, an RTSP / HTTP / UDP URL, a GStreamer pipeline string
+        (``jetson_csi_pipeline()`` builds the CSI one), a folder of images, or a ``FrameSource``. policy:
+        ``latest`` drops stale frames when inference falls behind (live lines), ``every`` keeps them all
+        (recordings, audits). Other options: see ``Stream``. Iterate it, or use it as a context manager::
+
+            with detector.stream("rtsp://10.0.0.7/stream1") as stream:
+                for item in stream:
+                    print(item.frame_index, item.result.score, item.latency_ms)
+        """
+        from amoe_sdk.runtimes.stream import Stream
+
+        return Stream(self, source, policy=policy, depth=depth, **options)
 
     def close(self) -> None:
         self.backend.close()

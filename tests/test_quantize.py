@@ -1,13 +1,16 @@
 """INT8: the accuracy gate, the sensitivity search and the thresholds measured on the quantized artifact."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
+from amoe_sdk.checkpoint import read_checkpoint
+from amoe_sdk.calibration.data import load_frames
 from amoe_sdk.converters.convert import ConvertOptions, convert
-from amoe_sdk.converters.quantize_common import always_float, layer_group
+from amoe_sdk.converters.quantize_common import GateMetrics, always_float, layer_group
 from amoe_sdk.errors import ConversionError
 from amoe_sdk.runtimes import EdgeDetector
 
@@ -17,6 +20,24 @@ def test_layer_groups_and_the_float_from_the_start_set():
     assert layer_group("/detector/patch_experts.1/blocks.0/attn/qkv/MatMul") == "patch_experts.1/blocks.0"
     assert always_float("/detector/router/mlp/fc1/Gemm") and always_float("/detector/patch_experts.0/head/MatMul")
     assert not always_float("/detector/encoder/stem/stem.0/conv/Conv")
+    assert always_float("/detector/experts.2/head/MatMul")  # a folded detector's patch expert
+
+
+def test_squeezed_scores_keep_their_auroc_but_fail_the_gate_on_verdict_flips():
+    # The failure NNCF's defaults produced on kit: INT8 anomalies pinned just above the normal maximum. Ranks
+    # (AUROC) survive; at the INT8 model's own threshold every anomaly is missed.
+    labels = np.array([0] * 10 + [1] * 10)
+    normal = np.linspace(0.30, 0.40, 10)
+
+    def metrics(scores):
+        threshold = scores[:10].mean() + 3 * scores[:10].std(ddof=1)
+        return GateMetrics(1.0, 0.98, scores, np.zeros((20, 2, 2)), np.zeros((20, 3)), threshold)
+
+    fp32 = metrics(np.concatenate([normal, np.linspace(1.5, 3.0, 10)]))
+    squeezed = metrics(np.concatenate([normal, np.linspace(0.405, 0.41, 10)]))
+    assert fp32.verdicts[10:].all() and not squeezed.verdicts[10:].any()
+    assert squeezed.drop_from(fp32) == 0 and squeezed.flips_from(fp32) == 10
+    assert fp32.passes(fp32, 0.01) and not squeezed.passes(fp32, 0.01)
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +45,18 @@ def onnx_int8_bundle(tiny_run, tmp_path_factory):
     return convert(tiny_run, tmp_path_factory.mktemp("int8") / "onnx-int8", ConvertOptions(target="onnx", precision="int8", max_drop=0.05, force=True))
 
 
-def test_int8_onnx_bundle_reports_the_gate_and_remeasures_the_threshold(onnx_int8_bundle):
+def test_int8_onnx_bundle_reports_the_gate_and_remeasures_the_threshold(onnx_int8_bundle, tiny_run):
     manifest = json.loads((onnx_int8_bundle / "manifest.json").read_text())
     q = manifest["quantization"]
     assert {"fp32", "int8", "drop", "passed", "float_layers", "threshold_fp32", "threshold_shift", "tries", "gate_label_flips"} <= set(q)
     assert q["tries"][0]["label"] == "all quantizable layers in INT8"
     assert any("/router/" in name for name in q["float_layers"])  # float from the start
     assert manifest["threshold"]["image"] == pytest.approx(q["threshold_fp32"] + q["threshold_shift"])
+    # The threshold is the INT8 artifact's own: mean + 3 std of its scores on the run's held-out normal images.
+    detector = EdgeDetector(onnx_int8_bundle)
+    frames = load_frames([Path(p) for p in read_checkpoint(tiny_run)["val_images"]], detector.bundle.input_size)
+    scores = np.array([detector.backend.infer(f[None])["score"][0] for f in frames], np.float64)
+    assert manifest["threshold"]["image"] == pytest.approx(scores.mean() + 3 * scores.std(ddof=1), rel=1e-5)
     model = onnx.load(str(onnx_int8_bundle / "model.onnx"))
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10
     result = EdgeDetector(onnx_int8_bundle).predict(np.zeros((90, 120, 3), np.uint8))
@@ -55,7 +81,11 @@ def test_int8_jetson_bundle_is_symmetric_qdq_with_a_tensorrt_cache(tiny_run, tmp
     initializers = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     assert zero_points and all(not initializers[z].any() and initializers[z].dtype == np.int8 for z in zero_points)
     header, scales = read_tensorrt_cache(bundle / "calibration.cache")
-    assert header == "TRT-8601-EntropyCalibration2" and len(scales) > 10 and all(s > 0 for s in scales.values())
+    assert header == "TRT-8601-EntropyCalibration2" and len(scales) > 10
+    # Every cached scale is the QDQ model's own activation scale for that tensor, read back bit for bit.
+    qdq_scales = {n.input[0]: float(initializers[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in scales}
+    assert qdq_scales.keys() == scales.keys()
+    assert all(scales[name] == np.float32(qdq_scales[name]) for name in scales)
 
 
 def test_int8_openvino_bundle(tiny_run, tmp_path):
@@ -66,3 +96,67 @@ def test_int8_openvino_bundle(tiny_run, tmp_path):
     assert manifest["quantization"]["method"] == "nncf"
     assert (bundle / "model.bin").stat().st_size > 0
     assert np.isfinite(EdgeDetector(bundle).predict(np.zeros((64, 64, 3), np.uint8)).score)
+
+
+def test_a_gate_that_holds_at_once_keeps_everything_quantizable_in_int8(tiny_run, tmp_path):
+    bundle = convert(tiny_run, tmp_path / "loose", ConvertOptions(target="onnx", precision="int8", max_drop=1.0))
+    q = json.loads((bundle / "manifest.json").read_text())["quantization"]
+    assert q["passed"] and len(q["tries"]) == 1 and q["float_groups"] == []
+
+
+def test_mixed_precision_fallback_changes_which_nodes_are_quantized(tiny_run, tmp_path):
+    from amoe_sdk.converters.graph import EdgeGraph
+    from amoe_sdk.converters.onnx_export import export_onnx
+    from amoe_sdk.checkpoint import load_detector
+    from amoe_sdk.converters.quantize_common import quantizable_groups
+    from amoe_sdk.converters.quantize_onnx import quantize_qdq
+
+    model, payload = load_detector(tiny_run)
+    fp32_path = tmp_path / "fp32.onnx"
+    export_onnx(EdgeGraph(model).eval(), fp32_path, model.config.input_size, 1)
+    frames = load_frames([Path(p) for p in payload["train_images"]][:8], model.config.input_size)
+    groups = quantizable_groups(onnx.load(str(fp32_path)))
+    stem = groups["encoder/stem"]
+
+    def quantized_nodes(exclude):
+        out = tmp_path / f"q{len(exclude)}.onnx"
+        quantize_qdq(fp32_path, out, frames, 1, "minmax", exclude, for_tensorrt=False)
+        graph = onnx.load(str(out)).graph
+        dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        return {n.name for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and any(i in dequantized for i in n.input)}
+
+    everything, without_stem = quantized_nodes([]), quantized_nodes(stem)
+    assert set(stem) <= everything and not set(stem) & without_stem
+    assert everything - set(stem) == without_stem
+
+
+def test_nncf_leaves_the_anomaly_signal_path_in_float(tiny_run, tmp_path):
+    import openvino as ov
+
+    from amoe_sdk.converters.quantize_openvino import check_signal_path_float
+
+    options = ConvertOptions(target="intel", precision="int8", max_drop=0.05, force=True, accuracy_control=False)
+    bundle = convert(tiny_run, tmp_path / "ov-int8", options)
+    check_signal_path_float(ov.Core().read_model(str(bundle / "model.xml")))
+    fp32 = convert(tiny_run, tmp_path / "ov-fp32", ConvertOptions(target="intel"))
+    # A frame far outside anything the calibration saw: with the signal path quantized, its score was clipped
+    # to the normal maximum, at the threshold; in float it stays far above it, as in the FP32 model.
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    int8_result, fp32_result = EdgeDetector(bundle).predict(noise), EdgeDetector(fp32).predict(noise)
+    assert fp32_result.score > 2 * fp32_result.threshold
+    assert int8_result.score > 2 * int8_result.threshold
+
+
+def test_a_fake_quantize_on_the_signal_path_is_refused():
+    import openvino as ov
+    import openvino.opset13 as opset
+
+    from amoe_sdk.converters.quantize_openvino import check_signal_path_float
+
+    x = opset.parameter([1, 4], ov.Type.f32, name="x")
+    low, high = opset.constant(np.float32(0)), opset.constant(np.float32(1))
+    clipped = opset.fake_quantize(x, low, high, low, high, 256)
+    fused = opset.multiply(clipped, opset.constant(np.float32(2)))
+    fused.set_friendly_name("/detector/Mul_3")
+    with pytest.raises(ConversionError, match="anomaly signal"):
+        check_signal_path_float(ov.Model([fused], [x]))

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
 from amoe_sdk.errors import BackendError
-from amoe_sdk.runtimes.backends.base import Backend
+from amoe_sdk.runtimes.backends.base import Backend, InferPipeline
 from amoe_sdk.runtimes.bundle import Bundle
+
+
+class AsyncQueuePipeline(InferPipeline):
+    """OpenVINO's ``AsyncInferQueue``: ``depth`` infer requests run concurrently on the compiled model (with the
+    THROUGHPUT hint the CPU plugin gives each its own stream)."""
+
+    def __init__(self, compiled: ov.CompiledModel, depth: int):
+        self.depth = depth
+        self._names = [output.get_any_name() for output in compiled.outputs]
+        self._queue = ov.AsyncInferQueue(compiled, depth)
+        self._queue.set_callback(self._done)
+
+    def _done(self, request: ov.InferRequest, future: Future) -> None:
+        try:
+            future.set_result({name: np.array(request.get_output_tensor(i).data) for i, name in enumerate(self._names)})
+        except Exception as exc:  # handed to the waiting caller, not lost in OpenVINO's callback thread
+            future.set_exception(exc)
+
+    def submit(self, batch: np.ndarray) -> Future:
+        future: Future = Future()
+        self._queue.start_async({0: batch}, future)  # blocks while every request is busy
+        return future
+
+    def close(self) -> None:
+        self._queue.wait_all()
 
 
 class OpenVINOBackend(Backend):
@@ -48,6 +74,9 @@ class OpenVINOBackend(Backend):
         self.request = self.compiled.create_infer_request()
         self.output_names = [output.get_any_name() for output in self.compiled.outputs]
         self.device = device
+
+    def pipeline(self, depth: int) -> InferPipeline:
+        return AsyncQueuePipeline(self.compiled, depth)
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         results = self.request.infer({0: batch})

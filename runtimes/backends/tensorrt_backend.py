@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from amoe_sdk.errors import BackendError
-from amoe_sdk.runtimes.backends.base import Backend
+from amoe_sdk.runtimes.backends.base import Backend, InferPipeline, ThreadedPipeline
 from amoe_sdk.runtimes.backends.tensorrt_engine import EngineOptions, build_engine
 from amoe_sdk.runtimes.bundle import Bundle
 
@@ -57,18 +57,8 @@ class TensorRTBackend(Backend):
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT cannot deserialize {engine_path}; delete it to rebuild on this device")
-        self.context = self.engine.create_execution_context()
-        self.cudart, self.trt = cudart, trt
-        self.stream = _check(cudart.cudaStreamCreate())
-        self.tensors: dict[str, tuple[tuple[int, ...], np.dtype, int, bool]] = {}
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            shape = tuple(self.engine.get_tensor_shape(name))
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            pointer = _check(cudart.cudaMalloc(int(np.prod(shape)) * dtype.itemsize))
-            self.context.set_tensor_address(name, pointer)
-            self.tensors[name] = (shape, dtype, pointer, is_input)
+        self.cudart, self.trt, self.index = cudart, trt, index
+        self.lanes = [_Lane(self.engine, cudart, trt, index)]
         self.device = f"cuda:{index} ({gpu})"
 
     @staticmethod
@@ -95,7 +85,41 @@ class TensorRTBackend(Backend):
         return path
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return self.lanes[0].infer(batch)
+
+    def pipeline(self, depth: int) -> InferPipeline:
+        """``depth`` lanes, each an execution context with its own CUDA stream and buffers, so copies and
+        kernels of consecutive batches overlap on the GPU."""
+        while len(self.lanes) < depth:
+            self.lanes.append(_Lane(self.engine, self.cudart, self.trt, self.index))
+        return ThreadedPipeline([lane.infer for lane in self.lanes[:depth]])
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.close()
+        self.lanes.clear()
+
+
+class _Lane:
+    """One execution context, CUDA stream and set of device buffers: one batch in flight."""
+
+    def __init__(self, engine, cudart, trt, device_index: int):
+        self.cudart, self.device_index = cudart, device_index
+        self.context = engine.create_execution_context()
+        self.stream = _check(cudart.cudaStreamCreate())
+        self.tensors: dict[str, tuple[tuple[int, ...], np.dtype, int, bool]] = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            shape = tuple(engine.get_tensor_shape(name))
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            pointer = _check(cudart.cudaMalloc(int(np.prod(shape)) * dtype.itemsize))
+            self.context.set_tensor_address(name, pointer)
+            self.tensors[name] = (shape, dtype, pointer, is_input)
+
+    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         cudart = self.cudart
+        _check(cudart.cudaSetDevice(self.device_index))  # the current device is per thread
         to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         outputs = {}
         for name, (shape, dtype, pointer, is_input) in self.tensors.items():

@@ -6,9 +6,11 @@
     amoe convert --checkpoint RUN --target onnx|intel|jetson --out BUNDLE
     amoe verify BUNDLE --data DIR   the artifact against its PyTorch reference
     amoe info RUN|BUNDLE            what a checkpoint or a bundle holds
+    amoe bench BUNDLE [BUNDLE ...]  latency, FPS and AUROC of bundles side by side
 
 Exit codes: 0 success, 2 usage error, 3 bad data, 4 bad config, 5 encoder weights, 6 checkpoint, 7 bundle,
-8 conversion, 9 backend / device, 10 input frame, 11 parity beyond tolerance, 1 other SDK errors. Errors print one message that names the file and the fix, not a traceback.
+8 conversion, 9 backend / device, 10 input frame, 11 parity beyond tolerance, 12 a bundle below the bench
+floor, 1 other SDK errors. Errors print one message that names the file and the fix, not a traceback.
 """
 
 from __future__ import annotations
@@ -136,6 +138,36 @@ def _info_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_FLOOR_EXIT = 12
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from amoe_sdk.runtimes.bench import bench_bundle, json_report, load_labelled_frames, markdown_table
+
+    if args.data is not None:
+        frames, labels = load_labelled_frames(args.data)
+    else:
+        import numpy as np
+
+        # Timing only: camera-sized frames, so the resize is charged as it will be on the line.
+        rng = np.random.default_rng(0)
+        frames, labels = [rng.integers(0, 256, (960, 1280, 3), dtype=np.uint8) for _ in range(4)], None
+    if args.floor is not None and labels is None:
+        print("amoe bench: error: --floor needs --data with labelled test images (an MVTec category)", file=sys.stderr)
+        return 2
+    rows = []
+    for bundle in args.bundles:
+        rows.append(bench_bundle(bundle, frames, labels, args.runs, args.depth, args.threads, args.backend, args.device))
+        print(f"benchmarked {bundle}", file=sys.stderr)
+    print(json_report(rows) if args.format == "json" else markdown_table(rows))
+    if args.json_out:
+        args.json_out.write_text(json_report(rows) + "\n")
+    below = [r for r in rows if args.floor is not None and (r.image_auroc or 0.0) < args.floor]
+    for row in below:
+        print(f"amoe bench: {row.artifact} image AUROC {row.image_auroc:.3f} is below the floor {args.floor}", file=sys.stderr)
+    return BENCH_FLOOR_EXIT if below else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amoe",
@@ -228,6 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", type=Path, help="run folder, checkpoint file or bundle folder")
     info.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     info.set_defaults(func=cmd_info)
+
+    bench = verbs.add_parser(
+        "bench",
+        help="latency, FPS and AUROC of bundles side by side",
+        description="Run each bundle the way a line runs it (EdgeDetector: resize, infer, map back) and print one "
+        "table: backend, precision, size, pre / infer / post p50 and p99 ms, FPS at batch 1, FPS with DEPTH "
+        "frames in flight (OpenVINO AsyncInferQueue, TensorRT CUDA streams, ONNX Runtime worker threads) and "
+        "image AUROC on --data. Exits 12 when a bundle's AUROC is below --floor, so CI can gate a release on it.",
+        epilog="example: amoe bench bundles/kit-onnx bundles/kit-intel-int8 --data data/sample/kit --floor 0.95 --threads 2",
+    )
+    bench.add_argument("bundles", nargs="+", type=Path, help="bundle folders written by amoe convert")
+    bench.add_argument("--data", type=Path, help="MVTec category (labelled test images: AUROC) or a folder of images (timing only); "
+                       "without it, timing runs on 1280x960 noise frames")
+    bench.add_argument("--floor", type=float, help="minimum image AUROC; below it the command exits 12")
+    bench.add_argument("--runs", type=int, default=100, help="timed calls per bundle (default 100)")
+    bench.add_argument("--depth", type=int, default=2, help="frames in flight for the pipelined FPS (default 2)")
+    bench.add_argument("--threads", type=int, help="CPU threads for the backend (default: the backend's choice)")
+    bench.add_argument("--backend", default="auto", help="auto (from the bundle), openvino, onnxruntime or tensorrt")
+    bench.add_argument("--device", help="backend device (OpenVINO CPU/GPU/NPU, ONNX Runtime CPU/CUDA, TensorRT cuda:N)")
+    bench.add_argument("--format", choices=["md", "json"], default="md", help="table format on stdout (default md)")
+    bench.add_argument("--json-out", type=Path, help="also write the JSON report here")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
