@@ -5,12 +5,15 @@ Converts RUN_DIR for both backends in each precision (INT8 through the accuracy 
 test set below is never seen by the converter), then on DATA_DIR's labelled test images reports image AUROC,
 pixel AUROC, AUPRO, Spearman rank correlation of the scores with the same backend's FP32, label flips at each
 bundle's own threshold against FP32, errors against the labels at that threshold, size on disk, and latency of
-the backend call at batch 1 (p50 / p99 over --runs calls after a warm-up, the bundles timed in interleaved
-rounds; resize and map post-processing excluded, they are the same for every precision).
+the backend call at batch 1 (`amoe bench`: each bundle alone in a fresh process, three alternating rounds of
+--runs / 3 calls after a warm-up, medians of the rounds' p50 and p99; resize and map post-processing excluded,
+they are the same for every precision).
 """
 
 import argparse
-import time
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +54,7 @@ def main() -> None:
                 convert(args.run, out, ConvertOptions(target=target, precision=precision, force=True))
             bundles.append((backend, precision, out))
 
-    rows, fp32, detectors = [], {}, []
+    rows, fp32 = [], {}
     for backend, precision, out in bundles:
         bundle = read_bundle(out)
         frames = load_frames([s.image_path for s in samples], bundle.input_size)
@@ -60,6 +63,7 @@ def main() -> None:
         outputs = [detector.backend.infer(frames[i : i + 1]) for i in range(len(frames))]
         scores = np.array([o["score"][0] for o in outputs], np.float64)
         maps = np.stack([o["anomaly_map"][0, 0] for o in outputs])
+        detector.close()
         verdicts = scores > bundle.manifest["threshold"]["image"]
         if precision == "fp32":
             fp32[backend] = (scores, verdicts)
@@ -73,26 +77,25 @@ def main() -> None:
             "mb": megabytes,
             "gate": "" if not gate else ("passed" if gate["passed"] else "FAILED (forced)") + f", {len(gate['float_layers'])} float layers",
         })
-        detectors.append((detector, frames))
 
-    # Interleaved rounds, one call per bundle each: on a shared machine the load drifts over a run, and timing
-    # the bundles one after the other would hand that drift to whichever bundle ran during it.
-    for detector, frames in detectors:
-        for frame in frames[:5]:
-            detector.backend.infer(frame[None])
-    times = [[] for _ in detectors]
-    for i in range(args.runs):
-        for k, (detector, frames) in enumerate(detectors):
-            started = time.perf_counter()
-            detector.backend.infer(frames[i % len(frames)][None])
-            times[k].append((time.perf_counter() - started) * 1000)
-    for row, timing, (detector, _) in zip(rows, times, detectors):
-        row["p50"], row["p99"] = float(np.percentile(timing, 50)), float(np.percentile(timing, 99))
-        detector.close()
+    # Latency: each bundle alone in a fresh process (`amoe bench`), in alternating rounds. Several runtimes loaded
+    # in one process slow each other down (their idle worker threads keep spinning on the 2 cores), and timing
+    # the bundles one after the other would hand the machine's drifting load to whichever ran during it.
+    rounds = 3
+    measured = [[] for _ in bundles]
+    for _ in range(rounds):
+        for k, (_, _, out) in enumerate(bundles):
+            command = [sys.executable, "-m", "amoe_sdk.cli.main", "bench", str(out), "--runs", str(max(1, args.runs // rounds)),
+                       "--threads", str(args.threads), "--format", "json", "--data", str(args.data / "test" / "good")]
+            report = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)[0]
+            measured[k].append((report["infer_p50_ms"], report["infer_p99_ms"]))
+    for row, rounds_measured in zip(rows, measured):
+        row["p50"] = float(np.median([m[0] for m in rounds_measured]))
+        row["p99"] = float(np.median([m[1] for m in rounds_measured]))
     reference_p50 = {row["backend"]: row["p50"] for row in rows if row["precision"] == "fp32"}
     reference_mb = {row["backend"]: row["mb"] for row in rows if row["precision"] == "fp32"}
 
-    print(f"\n{args.run.name}: {len(samples)} test images, batch 1, {args.threads} threads, {args.runs} interleaved timed calls per bundle\n")
+    print(f"\n{args.run.name}: {len(samples)} test images, batch 1, {args.threads} threads, {args.runs} timed calls per bundle in 3 alternating rounds, each in its own process\n")
     print("| backend | precision | image AUROC | pixel AUROC | AUPRO | rank corr. vs FP32 | flips vs FP32 | errors at threshold | size MB (vs FP32) | p50 ms | p99 ms | speed-up vs FP32 | INT8 gate |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -102,6 +105,7 @@ def main() -> None:
             f"| {r['backend']} | {r['precision']} | {r['image']:.3f} | {r['pixel']:.3f} | {r['aupro']:.3f} | {r['rank']:.3f} | "
             f"{r['flips']} | {r['errors']} | {r['mb']:.1f} ({size_share:.0%}) | {r['p50']:.1f} | {r['p99']:.1f} | {speedup:.2f}x | {r['gate']} |"
         )
+
 
 if __name__ == "__main__":
     main()

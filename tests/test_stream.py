@@ -75,22 +75,35 @@ def _serve(clip, url) -> subprocess.Popen:
     )
 
 
+def _open_when_listening(detector: EdgeDetector, url: str):
+    """The stream, once ffmpeg listens (no probe connection: a one-client server would take it as its client)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return detector.stream(url, policy="every", depth=2, read_timeout_s=2.0, open_timeout_s=2.0, backoff_s=0.3)
+        except InputError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
 def test_network_stream_detects_planted_anomalies_and_survives_a_server_restart(planted_clip, line_bundle, caplog):
     clip, labels, offline = planted_clip
-    url = f"http://127.0.0.1:{_free_port()}/line.mkv"
-    server = _serve(clip, url)
-    restarted: list[subprocess.Popen] = []
-    seen: list[tuple[int, int]] = []  # (label, verdict)
-    # The tiny model ranks the defects above the normal images, but 4 held-out images put its calibrated
-    # threshold above both; place it between the classes so that verdicts mean something.
+    # The tiny model ranks the planted anomalies above the normal frames, but 4 held-out images put its
+    # calibrated threshold above both; place it between the classes so that verdicts mean something.
     normal_max = max(s for d, s in offline.items() if not labels[d])
     anomalous_min = min(s for d, s in offline.items() if labels[d])
     assert anomalous_min > normal_max, "the line model does not separate the planted anomalies offline"
     detector = EdgeDetector(line_bundle, threshold=(normal_max + anomalous_min) / 2)
-    time.sleep(0.5)  # the listening socket
-    stream = detector.stream(url, policy="every", depth=2, read_timeout_s=2.0, open_timeout_s=2.0, backoff_s=0.3)
+    url = f"http://127.0.0.1:{_free_port()}/line.mkv"
+    restarted: list[subprocess.Popen] = []
+    seen: list[tuple[int, int]] = []  # (label, verdict)
     killed_at = None
+    restart = threading.Timer(1.5, lambda: restarted.append(_serve(clip, url)))  # a pause the stream must ride out
+    server = _serve(clip, url)
+    stream = None
     try:
+        stream = _open_when_listening(detector, url)
         for item in stream:
             digest = _digest(item.result.image)  # lossless: every streamed frame is one of the clip's, bit for bit
             assert item.score == pytest.approx(offline[digest], rel=1e-5, abs=1e-6)
@@ -99,13 +112,16 @@ def test_network_stream_detects_planted_anomalies_and_survives_a_server_restart(
                 server.kill()
                 server.wait()
                 killed_at = len(seen)
-                # Restart the server after a pause the stream must ride out.
-                threading.Timer(1.5, lambda: restarted.append(_serve(clip, url))).start()
+                restart.start()
             if killed_at is not None and stream.stats.reconnects >= 1 and len(seen) >= killed_at + 25:
                 break
             assert len(seen) < 400, "the stream never reconnected"
     finally:
-        stream.close()
+        if stream is not None:
+            stream.close()
+        restart.cancel()
+        if restart.ident is not None:
+            restart.join()  # a restart already under way must land in `restarted`, to be stopped below
         for process in [server, *restarted]:
             process.kill()
             process.wait()
