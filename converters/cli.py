@@ -60,6 +60,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold-sigma", type=float, default=3.0, help="threshold = mean + this many std of normal scores (default 3)")
     parser.add_argument("--dla-core", type=int, help="jetson: build for this DLA core, with GPU fallback")
     parser.add_argument("--max-drop", type=float, default=0.01, help="int8: largest allowed drop of image and of pixel AUROC against FP32 (default 0.01)")
+    parser.add_argument("--max-threshold-rise", type=float, default=2.0,
+                        help="int8: largest allowed ratio of the INT8 threshold to FP32's on the same normal images (default 2): "
+                        "a higher noise floor hides subtle defects that pseudo-anomalies cannot reveal")
     parser.add_argument("--val-data", type=Path, help="int8: MVTec category whose anomalous test images (with masks) form the gate "
                         "(default: pseudo-anomalies made from held-out normal images)")
     parser.add_argument("--calib-method", default="minmax", choices=("minmax", "entropy", "percentile"),
@@ -80,7 +83,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(
         target=args.target, precision=args.precision, routing=args.routing, calib_data=args.calib_data,
         fold_min_agreement=args.fold_min_agreement, force=args.force, device=args.device, batch_size=args.batch,
-        threshold_sigma=args.threshold_sigma, dla_core=args.dla_core, max_drop=args.max_drop, val_data=args.val_data,
+        threshold_sigma=args.threshold_sigma, dla_core=args.dla_core, max_drop=args.max_drop, max_threshold_rise=args.max_threshold_rise, val_data=args.val_data,
         calib_method=args.calib_method, accuracy_control=not args.no_accuracy_control,
         tensorrt_cache_version=args.tensorrt_cache_version,
     )

@@ -53,6 +53,7 @@ class ConvertOptions:
     threshold_sigma: float = 3.0
     dla_core: int | None = None
     max_drop: float = 0.01
+    max_threshold_rise: float = 2.0
     calib_method: str = "minmax"
     val_data: Path | None = None
     accuracy_control: bool = True
@@ -263,6 +264,7 @@ def _quantization_report(result_reference, result_final, float_layers: list[str]
         "drop": result_final.drop_from(result_reference),
         "gate_label_flips": result_final.flips_from(result_reference),
         "gate_images": len(gate.labels),
+        "threshold_rise": result_final.threshold_rise(result_reference),
         "passed": passed,
         "float_layers": float_layers,
         "routing_changed_images": changed if options.routing == "dense" else [],
@@ -277,7 +279,8 @@ def _check_gate(report: dict, options: ConvertOptions) -> None:
     raise ConversionError(
         f"INT8 misses the accuracy gate (--max-drop {options.max_drop}): image AUROC {report['fp32']['image_auroc']:.4f} -> "
         f"{report['int8']['image_auroc']:.4f}, pixel AUROC {report['fp32']['pixel_auroc']:.4f} -> {report['int8']['pixel_auroc']:.4f}, "
-        f"{report['gate_label_flips']} gate verdict(s) flipped (at most {max(1, int(np.ceil(MAX_FLIPPED_SHARE * report['gate_images'])))} allowed) "
+        f"{report['gate_label_flips']} gate verdict(s) flipped (at most {max(1, int(np.ceil(MAX_FLIPPED_SHARE * report['gate_images'])))} allowed), "
+        f"threshold x{report['threshold_rise']:.2f} (at most x{options.max_threshold_rise:g}) "
         f"even with {len(report['float_layers'])} layer(s) in float; use --precision fp16, raise --max-drop, or --force to keep it"
     )
 
@@ -293,9 +296,11 @@ def _quantize_onnx(fp32_path: Path, out_path: Path, frames: np.ndarray, gate, op
         return lambda batch: dict(zip(names, session.run(names, {INPUT_NAME: batch})))
 
     result = gated_quantize(fp32_path, out_path, frames, gate, options.batch_size, make_infer, options.max_drop,
-                            options.calib_method, for_tensorrt=options.target == "jetson", sigma=options.threshold_sigma)
+                            options.calib_method, for_tensorrt=options.target == "jetson", sigma=options.threshold_sigma,
+                            max_threshold_rise=options.max_threshold_rise)
     report = _quantization_report(result.reference, result.final, result.float_nodes, result.passed, options, result.tries, gate)
     report["float_groups"] = result.float_groups
+    report["ranking"] = result.ranking
     if enforce:
         _check_gate(report, options)
     return report
@@ -313,11 +318,13 @@ def _openvino_model(onnx_path: Path, options: ConvertOptions, frames, gate):
     # accuracy control takes minutes); NNCF then quantizes with the groups it found kept in float.
     search = _quantize_onnx(onnx_path, onnx_path.with_name("search.onnx"), frames, gate, options, enforce=False)
     onnx_path.with_name("search.onnx").unlink(missing_ok=True)
-    quantized, reference, final, float_layers = quantize_openvino(
-        model, frames, gate, options.batch_size, options.max_drop, options.accuracy_control, search["float_groups"], options.threshold_sigma
+    quantized, reference, final, float_layers, float_groups = quantize_openvino(
+        model, frames, gate, options.batch_size, options.max_drop, options.accuracy_control, search["float_groups"], options.threshold_sigma,
+        options.max_threshold_rise, search["ranking"],
     )
-    report = _quantization_report(reference, final, float_layers, final.passes(reference, options.max_drop), options, search["tries"], gate)
-    report["float_groups"] = search["float_groups"]
+    report = _quantization_report(reference, final, float_layers, final.passes(reference, options.max_drop, options.max_threshold_rise), options, search["tries"], gate)
+    report["float_groups"] = float_groups
+    report["ranking"] = search["ranking"]
     _check_gate(report, options)
     return quantized, report
 

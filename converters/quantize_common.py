@@ -101,9 +101,21 @@ class GateMetrics:
     def flips_from(self, reference: "GateMetrics") -> int:
         return int((self.verdicts != reference.verdicts).sum())
 
-    def passes(self, reference: "GateMetrics", max_drop: float) -> bool:
+    def threshold_rise(self, reference: "GateMetrics") -> float:
+        """How many times FP32's threshold this model's is: the normal noise floor a defect must clear."""
+        return self.threshold / reference.threshold if reference.threshold > 0 else 1.0
+
+    def passes(self, reference: "GateMetrics", max_drop: float, max_threshold_rise: float = 2.0) -> bool:
+        """AUROC drops within ``max_drop``, few verdict flips, and a threshold at most ``max_threshold_rise`` times
+        FP32's. Pseudo-anomalies are blatant and stay separated however noisy the normal maps get; a raised noise
+        floor is what loses the subtle real defects (washer: threshold 0.55 -> 2.56, image AUROC 1.000 -> 0.883
+        on its test set, while the gate's AUROCs held)."""
         allowed_flips = max(1, int(np.ceil(MAX_FLIPPED_SHARE * len(self.scores))))
-        return self.drop_from(reference) <= max_drop and self.flips_from(reference) <= allowed_flips
+        return (
+            self.drop_from(reference) <= max_drop
+            and self.flips_from(reference) <= allowed_flips
+            and self.threshold_rise(reference) <= max_threshold_rise
+        )
 
 
 def gate_metrics(infer: Callable[[np.ndarray], dict[str, np.ndarray]], gate: GateSet, batch_size: int, sigma: float = 3.0) -> GateMetrics:

@@ -52,6 +52,7 @@ class QuantizeResult:
     float_nodes: list[str]
     passed: bool
     tries: list[dict] = field(default_factory=list)
+    ranking: list[str] = field(default_factory=list)  # groups by damage, when the search measured it
 
 
 def quantize_qdq(
@@ -88,11 +89,12 @@ def gated_quantize(
     method: str = "minmax",
     for_tensorrt: bool = False,
     sigma: float = 3.0,
+    max_threshold_rise: float = 2.0,
 ) -> QuantizeResult:
     """Quantize, measure the gate, and while it fails keep the most sensitive layer group in float.
 
-    Sensitivity of a group: the gate drop (then the verdict flips) when only that group is quantized and
-    everything else stays in float.
+    Sensitivity of a group: the gate drop (then the verdict flips, then the threshold rise) when only that group
+    is quantized and everything else stays in float.
     Measured that way, one group's damage is not hidden by the others' (with everything else quantized, no
     single group brought any recovery on kit, although two of them together held the whole drop). Groups then
     return to float in order of damage, one at a time, until the gate holds.
@@ -116,32 +118,33 @@ def gated_quantize(
         tries.append({
             "label": label, "float_groups": list(float_groups), "image_auroc": metrics.image_auroc,
             "pixel_auroc": metrics.pixel_auroc, "drop": metrics.drop_from(reference), "verdict_flips": metrics.flips_from(reference),
+            "threshold_rise": metrics.threshold_rise(reference),
         })
         tqdm.write(
             f"INT8 try '{label}': image AUROC {metrics.image_auroc:.4f} (FP32 {reference.image_auroc:.4f}), "
-            f"pixel AUROC {metrics.pixel_auroc:.4f} (FP32 {reference.pixel_auroc:.4f}), {metrics.flips_from(reference)} verdict(s) flipped"
+            f"pixel AUROC {metrics.pixel_auroc:.4f} (FP32 {reference.pixel_auroc:.4f}), {metrics.flips_from(reference)} verdict(s) flipped, threshold x{metrics.threshold_rise(reference):.2f}"
         )
         return metrics
 
     try:
         metrics = attempt([], "all quantizable layers in INT8")
-        if metrics.passes(reference, max_drop):
+        if metrics.passes(reference, max_drop, max_threshold_rise):
             return QuantizeResult(reference, metrics, [], excluded([]), True, tries)
         damage = {}
         for group in tqdm(list(groups), desc="sensitivity", unit="group", leave=False):
             others = [g for g in groups if g != group]
             alone = attempt(others, f"only {group} in INT8")
-            damage[group] = (alone.drop_from(reference), alone.flips_from(reference))
-        ranked = sorted(groups, key=lambda g: (-damage[g][0], -damage[g][1]))
+            damage[group] = (alone.drop_from(reference), alone.flips_from(reference), alone.threshold_rise(reference))
+        ranked = sorted(groups, key=lambda g: tuple(-d for d in damage[g]))
         kept: list[str] = []
         for group in ranked:
             kept.append(group)
             if len(kept) == len(groups):
                 break
             metrics = attempt(kept, f"{len(kept)} group(s) in float")
-            if metrics.passes(reference, max_drop):
-                return QuantizeResult(reference, metrics, kept, excluded(kept), True, tries)
+            if metrics.passes(reference, max_drop, max_threshold_rise):
+                return QuantizeResult(reference, metrics, kept, excluded(kept), True, tries, ranked)
         # Nothing left worth quantizing: the gate cannot hold with INT8 on this model.
-        return QuantizeResult(reference, metrics, kept, excluded(kept), False, tries)
+        return QuantizeResult(reference, metrics, kept, excluded(kept), False, tries, ranked)
     finally:
         ranges_cache.unlink(missing_ok=True)

@@ -87,18 +87,29 @@ def quantize_openvino(
     accuracy_control: bool = True,
     float_groups: list[str] = (),
     sigma: float = 3.0,
-) -> tuple[ov.Model, GateMetrics, GateMetrics, list[str]]:
-    """-> (INT8 model, FP32 gate metrics, INT8 gate metrics, names of the layers left in float).
+    max_threshold_rise: float = 2.0,
+    ranking: list[str] = (),
+) -> tuple[ov.Model, GateMetrics, GateMetrics, list[str], list[str]]:
+    """-> (INT8 model, FP32 gate metrics, INT8 gate metrics, names of the layers left in float, float groups).
 
-    ``float_groups`` (from the ONNX Runtime search, which is much faster than NNCF's) start in float; plain NNCF
-    quantization runs first and accuracy control only when its gate still fails."""
+    ``float_groups`` (from the ONNX Runtime search, which is much faster than NNCF's) start in float. When NNCF's
+    result still fails the gate, the next groups of ``ranking`` (the ONNX Runtime search's damage order) return
+    to float one at a time; NNCF's accuracy control runs only when that ranking is used up."""
     reference = gate_metrics(compiled_infer(model), gate, batch_size, sigma)
     usable = len(frames) - len(frames) % batch_size
     calibration = nncf.Dataset([frames[i : i + batch_size] for i in range(0, usable, batch_size)])
-    quantized = nncf.quantize(model, calibration, subset_size=usable, ignored_scope=ignored_scope(model, float_groups), advanced_parameters=ADVANCED)
-    store_float_weights_fp16(quantized)
-    final = gate_metrics(compiled_infer(quantized), gate, batch_size, sigma)
-    if accuracy_control and not final.passes(reference, max_drop):
+    kept = list(float_groups)
+    remaining = [g for g in ranking if g not in kept]
+    while True:
+        quantized = nncf.quantize(model, calibration, subset_size=usable, ignored_scope=ignored_scope(model, kept), advanced_parameters=ADVANCED)
+        store_float_weights_fp16(quantized)
+        final = gate_metrics(compiled_infer(quantized), gate, batch_size, sigma)
+        if final.passes(reference, max_drop, max_threshold_rise) or not remaining:
+            break
+        print(f"OpenVINO INT8 with {len(kept)} group(s) in float misses the gate (threshold x{final.threshold_rise(reference):.2f}); "
+              f"{remaining[0]} back to float")
+        kept.append(remaining.pop(0))
+    if accuracy_control and not final.passes(reference, max_drop, max_threshold_rise):
         indices = list(range(0, len(gate.frames) - len(gate.frames) % batch_size, batch_size))
 
         def validate(compiled: ov.CompiledModel, items) -> tuple[float, None]:
@@ -127,7 +138,7 @@ def quantize_openvino(
         store_float_weights_fp16(quantized)
         final = gate_metrics(compiled_infer(quantized), gate, batch_size, sigma)
     check_signal_path_float(quantized)
-    return quantized, reference, final, float_layers(quantized)
+    return quantized, reference, final, float_layers(quantized), kept
 
 
 def float_layers(model: ov.Model) -> list[str]:

@@ -41,6 +41,21 @@ def test_squeezed_scores_keep_their_auroc_but_fail_the_gate_on_verdict_flips():
     assert fp32.passes(fp32, 0.01) and not squeezed.passes(fp32, 0.01)
 
 
+def test_a_raised_noise_floor_fails_the_gate_although_blatant_anomalies_stay_separated():
+    # Washer's failure: INT8 noise lifts the normal scores (and so the threshold) far above FP32's; the gate's
+    # blatant pseudo-anomalies still clear it, the subtle real defects would not.
+    def metrics(normal, anomalous):
+        scores = np.concatenate([normal, anomalous])
+        threshold = normal.mean() + 3 * normal.std(ddof=1)
+        return GateMetrics(1.0, 0.98, scores, np.zeros((20, 2, 2)), np.zeros((20, 3)), threshold)
+
+    fp32 = metrics(np.linspace(0.30, 0.40, 10), np.linspace(3.0, 6.0, 10))
+    noisy = metrics(np.linspace(0.40, 1.40, 10), np.linspace(3.0, 6.0, 10))
+    assert noisy.drop_from(fp32) == 0 and noisy.flips_from(fp32) == 0
+    assert noisy.threshold_rise(fp32) > 4
+    assert not noisy.passes(fp32, 0.01) and noisy.passes(fp32, 0.01, max_threshold_rise=10)
+
+
 @pytest.fixture(scope="module")
 def onnx_int8_bundle(tiny_run, tmp_path_factory):
     return convert(tiny_run, tmp_path_factory.mktemp("int8") / "onnx-int8", ConvertOptions(target="onnx", precision="int8", max_drop=0.05, force=True))
