@@ -28,8 +28,10 @@ precision:
   fp32 / fp16  FP16 halves the weights (OpenVINO compresses them; ONNX keeps uint8 in and FP32 out)
   int8         calibrated on normal images (--calib-data, default the run's training images), then gated:
                image and pixel AUROC on held-out normals plus anomalies (--val-data, default pseudo-anomalies)
-               may drop at most --max-drop against FP32; when they drop more, the most sensitive layers go
-               back to float until the gate holds, or the conversion fails (--force keeps the result)
+               may drop at most --max-drop against FP32, at most 5 % of those images may change verdict, and
+               the INT8 threshold may be at most --max-threshold-rise times FP32's; otherwise the most
+               sensitive layers go back to float until the gate holds, or the conversion fails (--force
+               keeps the result)
 
 The threshold is measured on the converted artifact itself over normal held-out images (mean +
 --threshold-sigma std of their scores); the runtime applies it, so it can change without re-export.
