@@ -1,1 +1,1 @@
-"""INT8 calibration data, caches, score normalisation and thresholds. Arrives with the INT8 issue."""
+"""INT8 calibration data and caches, pseudo-anomalies for the gate, and the threshold rule artifacts ship with."""

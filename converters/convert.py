@@ -25,10 +25,11 @@ from amoe_sdk.converters.folding import expert_names, fold_routing
 from amoe_sdk.converters.graph import INPUT_NAME, EdgeGraph, infer_in_batches
 from amoe_sdk.converters.onnx_export import OPSET, check_finite, export_onnx, save_with_metadata, to_fp16
 from amoe_sdk.converters.openvino_export import compiled_infer, save_openvino
-from amoe_sdk.converters.quantize_common import MAX_FLIPPED_SHARE
+from amoe_sdk.converters.quantize_common import allowed_flips
 from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
 from amoe_sdk.calibration.data import MIN_CALIBRATION_IMAGES as MIN_INT8_IMAGES, gate_set, load_frames, normal_image_paths
 from amoe_sdk.calibration.tensorrt_cache import write_tensorrt_cache
+from amoe_sdk.calibration.thresholds import normal_threshold
 from amoe_sdk.data.images import list_images
 from amoe_sdk.errors import ConfigError, ConversionError, DataError
 from amoe_sdk.runtimes.backends import create_backend
@@ -279,7 +280,7 @@ def _check_gate(report: dict, options: ConvertOptions) -> None:
     raise ConversionError(
         f"INT8 misses the accuracy gate (--max-drop {options.max_drop}): image AUROC {report['fp32']['image_auroc']:.4f} -> "
         f"{report['int8']['image_auroc']:.4f}, pixel AUROC {report['fp32']['pixel_auroc']:.4f} -> {report['int8']['pixel_auroc']:.4f}, "
-        f"{report['gate_label_flips']} gate verdict(s) flipped (at most {max(1, int(np.ceil(MAX_FLIPPED_SHARE * report['gate_images'])))} allowed), "
+        f"{report['gate_label_flips']} gate verdict(s) flipped (at most {allowed_flips(report['gate_images'])} allowed), "
         f"threshold x{report['threshold_rise']:.2f} (at most x{options.max_threshold_rise:g}) "
         f"even with {len(report['float_layers'])} layer(s) in float; use --precision fp16, raise --max-drop, or --force to keep it"
     )
@@ -332,8 +333,7 @@ def _openvino_model(onnx_path: Path, options: ConvertOptions, frames, gate):
 def _threshold(scores: np.ndarray, sigma: float, source: str, backend: str) -> dict:
     """The image threshold from normal scores: mean + sigma * std. The pixel threshold is the same value: the
     image score is the mean of the map's top pixels, so both live on the map's normalised scale."""
-    mean, std = float(scores.mean()), float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
-    value = mean + sigma * std
+    value, mean, std = normal_threshold(scores, sigma)
     return {
         "image": value, "pixel": value, "sensitivity": 0.5, "rule": f"mean + {sigma:g} std of normal scores",
         "normal_score_mean": mean, "normal_score_std": std, "normal_score_max": float(scores.max()),

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from amoe_sdk.calibration.data import GateSet
+from amoe_sdk.calibration.thresholds import normal_threshold
 from amoe_sdk.converters.graph import infer_in_batches
 from amoe_sdk.evaluation.metrics import auroc
 
@@ -78,6 +79,10 @@ def float_nodes(model: onnx.ModelProto) -> list[str]:
 MAX_FLIPPED_SHARE = 0.05
 
 
+def allowed_flips(gate_images: int) -> int:
+    return max(1, int(np.ceil(MAX_FLIPPED_SHARE * gate_images)))
+
+
 @dataclass
 class GateMetrics:
     """One artifact on the gate set. ``threshold``: mean + sigma * std of its own scores on the normal images,
@@ -110,10 +115,9 @@ class GateMetrics:
         FP32's. Pseudo-anomalies are blatant and stay separated however noisy the normal maps get; a raised noise
         floor is what loses the subtle real defects (washer: threshold 0.55 -> 2.56, image AUROC 1.000 -> 0.883
         on its test set, while the gate's AUROCs held)."""
-        allowed_flips = max(1, int(np.ceil(MAX_FLIPPED_SHARE * len(self.scores))))
         return (
             self.drop_from(reference) <= max_drop
-            and self.flips_from(reference) <= allowed_flips
+            and self.flips_from(reference) <= allowed_flips(len(self.scores))
             and self.threshold_rise(reference) <= max_threshold_rise
         )
 
@@ -122,6 +126,5 @@ def gate_metrics(infer: Callable[[np.ndarray], dict[str, np.ndarray]], gate: Gat
     """Image and pixel AUROC and verdicts of an artifact (``infer`` takes a uint8 [B, S, S, 3] batch) on the gate set."""
     outputs = infer_in_batches(infer, gate.frames, batch_size)
     scores, maps = outputs["score"].astype(np.float64), outputs["anomaly_map"][:, 0].astype(np.float32)
-    normal = scores[gate.labels == 0]
-    threshold = float(normal.mean() + sigma * (normal.std(ddof=1) if len(normal) > 1 else 0.0))
+    threshold = normal_threshold(scores[gate.labels == 0], sigma)[0]
     return GateMetrics(auroc(gate.labels, scores), auroc(gate.masks, maps), scores, maps, outputs["routing_weights"], threshold)
