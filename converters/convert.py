@@ -146,7 +146,11 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
             "routing_weights": [options.batch_size, model.num_experts],
         },
         "experts": names,
-        "routing": {"mode": options.routing, "top_k": model.config.router.top_k, "folding": folding},
+        "routing": {
+            "mode": options.routing, "top_k": model.config.router.top_k, "folding": folding,
+            # A distilled student has no router: every expert counts, equally within its level.
+            "static": model.static_routing,
+        },
         "normalisation": {
             "map_low": model.map_low.tolist(), "map_high": model.map_high.tolist(),
             "level_weights": model.config.postprocess.level_weights, "top_percent": model.config.postprocess.top_percent,

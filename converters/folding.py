@@ -35,8 +35,8 @@ def route(model: AnomalyMoE, images_bgr: torch.Tensor, batch_size: int = 16) -> 
     """Router logits and top-k weights for uint8 images [N, 3, S, S] -> ([N, E], [N, E])."""
     logits, weights = [], []
     for start in range(0, len(images_bgr), batch_size):
-        descriptor = model.encode(images_bgr[start : start + batch_size].float()).descriptor
-        chunk_logits, chunk_weights = model.router(descriptor)
+        chunk = images_bgr[start : start + batch_size]
+        chunk_logits, chunk_weights = model.route(model.encode(chunk.float()).descriptor, len(chunk))
         logits.append(chunk_logits)
         weights.append(chunk_weights)
     return torch.cat(logits), torch.cat(weights)

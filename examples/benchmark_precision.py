@@ -11,20 +11,13 @@ they are the same for every precision).
 """
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from amoe_sdk.converters.convert import ConvertOptions, convert
 from amoe_sdk.data.layouts import read_dataset
-from amoe_sdk.evaluation.evaluate import load_masks
-from amoe_sdk.evaluation.metrics import aupro, auroc
-from amoe_sdk.runtimes import EdgeDetector
-from amoe_sdk.runtimes.bundle import read_bundle
-from amoe_sdk.calibration.data import load_frames
+from bench_common import bundle_accuracy, isolated_latency
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -56,42 +49,23 @@ def main() -> None:
 
     rows, fp32 = [], {}
     for backend, precision, out in bundles:
-        bundle = read_bundle(out)
-        frames = load_frames([s.image_path for s in samples], bundle.input_size)
-        masks = load_masks(samples, bundle.input_size)
-        detector = EdgeDetector(out, threads=args.threads)
-        outputs = [detector.backend.infer(frames[i : i + 1]) for i in range(len(frames))]
-        scores = np.array([o["score"][0] for o in outputs], np.float64)
-        maps = np.stack([o["anomaly_map"][0, 0] for o in outputs])
-        detector.close()
-        verdicts = scores > bundle.manifest["threshold"]["image"]
+        measured = bundle_accuracy(out, samples, args.threads)
+        scores, verdicts = measured["scores"], measured["verdicts"]
         if precision == "fp32":
             fp32[backend] = (scores, verdicts)
         reference_scores, reference_verdicts = fp32.get(backend, (scores, verdicts))
-        megabytes = sum((out / name).stat().st_size for name in bundle.manifest["files"]) / 1e6
-        gate = bundle.manifest.get("quantization") or {}
+        gate = measured["manifest"].get("quantization") or {}
         rows.append({
-            "backend": backend, "precision": precision, "image": auroc(labels, scores), "pixel": auroc(masks, maps),
-            "aupro": aupro(masks, maps), "rank": spearman(scores, reference_scores),
+            "backend": backend, "precision": precision, "image": measured["image"], "pixel": measured["pixel"],
+            "aupro": measured["aupro"], "rank": spearman(scores, reference_scores),
             "flips": int((verdicts != reference_verdicts).sum()), "errors": int((verdicts != labels.astype(bool)).sum()),
-            "mb": megabytes,
+            "mb": measured["mb"],
             "gate": "" if not gate else ("passed" if gate["passed"] else "FAILED (forced)") + f", {len(gate['float_layers'])} float layers",
         })
 
-    # Latency: each bundle alone in a fresh process (`amoe bench`), in alternating rounds. Several runtimes loaded
-    # in one process slow each other down (their idle worker threads keep spinning on the 2 cores), and timing
-    # the bundles one after the other would hand the machine's drifting load to whichever ran during it.
-    rounds = 3
-    measured = [[] for _ in bundles]
-    for _ in range(rounds):
-        for k, (_, _, out) in enumerate(bundles):
-            command = [sys.executable, "-m", "amoe_sdk.cli.main", "bench", str(out), "--runs", str(max(1, args.runs // rounds)),
-                       "--threads", str(args.threads), "--format", "json", "--data", str(args.data / "test" / "good")]
-            report = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)[0]
-            measured[k].append((report["infer_p50_ms"], report["infer_p99_ms"]))
-    for row, rounds_measured in zip(rows, measured):
-        row["p50"] = float(np.median([m[0] for m in rounds_measured]))
-        row["p99"] = float(np.median([m[1] for m in rounds_measured]))
+    latencies = isolated_latency([out for _, _, out in bundles], args.data / "test" / "good", args.runs, args.threads)
+    for row, (p50, p99) in zip(rows, latencies):
+        row["p50"], row["p99"] = p50, p99
     reference_p50 = {row["backend"]: row["p50"] for row in rows if row["precision"] == "fp32"}
     reference_mb = {row["backend"]: row["mb"] for row in rows if row["precision"] == "fp32"}
 

@@ -92,3 +92,15 @@ def make_payload(model, config: AmoeConfig, step: int, extra: dict[str, Any]) ->
         "step": step,
         **extra,
     }
+
+
+def run_state(generator: torch.Generator, history: list, train_paths: list, val_paths: list, data_root) -> dict[str, Any]:
+    """What a resumable run stores beside its weights: random states, loss history and its data split."""
+    return {
+        "generator_state": generator.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "history": history,
+        "train_images": [str(p) for p in train_paths],
+        "val_images": [str(p) for p in val_paths],
+        "data_root": str(data_root),
+    }

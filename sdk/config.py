@@ -75,10 +75,15 @@ class GlobalExpertConfig:
 
 @dataclass
 class RouterConfig:
-    """The router: an MLP on the encoder's global descriptor choosing the ``top_k`` of all experts."""
+    """The router: an MLP on the encoder's global descriptor choosing the ``top_k`` of all experts.
+
+    ``static``: no router at all. Every expert counts, equally within its level, and the encoder stops after its
+    last tap (no descriptor). A distilled student is static: it inherits the routing its teacher folded away.
+    """
 
     top_k: int = 3
     hidden_dim: int = 256
+    static: bool = False
 
 
 @dataclass
@@ -174,20 +179,108 @@ class AmoeConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+@dataclass
+class DistillLossConfig:
+    """Distillation loss: L = map_weight * L_map + score_weight * L_score + reconstruction_weight * L_rec.
+
+    L_map: the student's routed per-level maps against the teacher's, on normal images and pseudo-anomalies,
+    compared after asinh (linear near the normal range, logarithmic on strong anomalies, so that neither
+    dominates). L_score: the same for the image scores. L_rec: the student's own reconstruction objective on the
+    normal images only (component and global experts' losses scaled by ``component_scale`` / ``global_scale`` as
+    in training), so that it stays a reconstruction model and does not learn the pseudo-anomalies by heart.
+    """
+
+    map_weight: float = 0.2
+    score_weight: float = 0.5
+    reconstruction_weight: float = 1.0
+    component_scale: float = 0.1
+    global_scale: float = 0.1
+
+
+@dataclass
+class DistillDataConfig:
+    """What the student learns from. ``pseudo_per_image`` pseudo-anomalies (cut-paste and Perlin blemishes) are
+    made from each normal training image once; ``anomaly_share`` of every batch is drawn from them. A teacher
+    expert counts as used on this product when its mean fusion weight on the training images is at least
+    ``min_expert_weight``; a level with no used expert gets no student expert."""
+
+    pseudo_per_image: int = 3
+    anomaly_share: float = 0.5
+    min_expert_weight: float = 0.02
+    seed: int = 0
+
+
+@dataclass
+class QatConfig:
+    """Quantization-aware fine-tuning (``amoe distill --qat``): for the last ``fraction`` of the steps, the
+    student's expert layers see INT8 rounding (per-channel symmetric weights, per-tensor activations over the
+    batch's range), as the converters' INT8 will quantize them."""
+
+    enabled: bool = False
+    fraction: float = 0.3
+
+
+@dataclass
+class DistillConfig:
+    """A distillation run: the student model, the losses, the data and the optimisation.
+
+    The defaults of ``model`` are not fixed: ``amoe distill`` derives them from the teacher (its input size and
+    post-processing; one narrow expert per used level; the Lite0 encoder cut after stage 3; static routing), and a
+    ``--student`` YAML overrides any of them.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    data: DistillDataConfig = field(default_factory=DistillDataConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2400, lr=3e-3))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> "DistillConfig":
+        return _from_plain(cls, data or {}, source)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def as_training_config(self) -> AmoeConfig:
+        """The student as an ordinary training config: what its checkpoint carries, so every tool reads it."""
+        return AmoeConfig(model=self.model, train=self.train)
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping -> dict; ConfigError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` laid over ``base``, nested mappings merged key by key (neither input is changed)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AmoeConfig:
     """Read a YAML config (missing keys take their defaults) and apply ``overrides`` like ``{"train.steps": 10}``."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file or omit --config")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
+        data = read_yaml_mapping(path, "config file")
         source = str(path)
     for dotted, value in (overrides or {}).items():
         node = data
@@ -206,7 +299,7 @@ def validate_config(config: AmoeConfig) -> None:
     total = model.patch.num_experts + model.component.num_experts + model.global_.num_experts
     if total < 1:
         raise ConfigError("the model needs at least one expert; raise num_experts of a level")
-    if not 1 <= model.router.top_k <= total:
+    if not model.router.static and not 1 <= model.router.top_k <= total:
         raise ConfigError(f"router.top_k={model.router.top_k} must lie between 1 and the number of experts ({total})")
     if model.input_size % 32 != 0:
         raise ConfigError(f"input_size={model.input_size} must be a multiple of 32")

@@ -58,15 +58,21 @@ def tiny_run(sample_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def line_bundle(sample_root, tmp_path_factory):
-    """The tiny model trained long enough (150 steps) to rank the sample washer's defects above its normal
-    images, as an ONNX bundle: for the streaming and line-side tests, whose verdicts must mean something."""
-    from amoe_sdk.converters.convert import ConvertOptions, convert
+def line_run(sample_root, tmp_path_factory):
+    """The tiny model trained long enough (150 steps) to rank the sample washer's defects above its normal images."""
     from amoe_sdk.training.trainer import train
 
     run = tmp_path_factory.mktemp("line-run")
     train(sample_root / "washer", run, tiny_config(**{"train.steps": 150, "train.checkpoint_every": 150}), show_progress=False)
-    return convert(run, tmp_path_factory.mktemp("bundles") / "line-onnx", ConvertOptions(target="onnx"))
+    return run
+
+
+@pytest.fixture(scope="session")
+def line_bundle(line_run, tmp_path_factory):
+    """``line_run`` as an ONNX bundle: for the streaming and line-side tests, whose verdicts must mean something."""
+    from amoe_sdk.converters.convert import ConvertOptions, convert
+
+    return convert(line_run, tmp_path_factory.mktemp("bundles") / "line-onnx", ConvertOptions(target="onnx"))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
     amoe data sample OUT            write the procedural sample dataset (MVTec AD layout)
     amoe train --data DIR --out RUN train a detector on normal images (resumable)
+    amoe distill --teacher RUN --data DIR --out RUN   distil a teacher into a small edge student
     amoe eval --model RUN --data DIR --out metrics.json [--save-images DIR]
     amoe convert --checkpoint RUN --target onnx|intel|jetson --out BUNDLE
     amoe verify BUNDLE --data DIR   the artifact against its PyTorch reference
@@ -44,21 +45,50 @@ def cmd_data_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from amoe_sdk.config import load_config
-    from amoe_sdk.training.trainer import train
-
-    _threads(args.threads)
+def _run_overrides(args: argparse.Namespace) -> dict:
+    """--steps and --seed as config overrides, where given."""
     overrides = {}
     if args.steps is not None:
         overrides["train.steps"] = args.steps
     if args.seed is not None:
         overrides["train.seed"] = args.seed
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from amoe_sdk.config import load_config
+    from amoe_sdk.training.trainer import train
+
+    _threads(args.threads)
+    overrides = _run_overrides(args)
     if args.encoder_weights is not None:
         overrides["model.encoder.weights"] = args.encoder_weights
     config = load_config(args.config, overrides)
     result = train(args.data, args.out, config, resume=not args.no_resume)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from amoe_sdk.training.distill import distill
+
+    _threads(args.threads)
+    overrides = _run_overrides(args)
+    if args.qat:
+        overrides["qat.enabled"] = True
+    result = distill(args.teacher, args.data, args.out, args.student, overrides, resume=not args.no_resume)
+    fid = result.fidelity
+    print(
+        f"distilled {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}\n"
+        f"  cost: {result.student_gflops:.2f} GFLOPs, {result.student_gflops / result.teacher_gflops:.0%} of the teacher's "
+        f"{result.teacher_gflops:.2f}\n"
+        f"  on {fid['images']} held-out images (normal + pseudo-anomalies): image AUROC teacher {fid['teacher_image_auroc']:.3f} / "
+        f"student {fid['student_image_auroc']:.3f}, pixel AUROC {fid['teacher_pixel_auroc']:.3f} / {fid['student_pixel_auroc']:.3f}, "
+        f"score rank correlation {fid['score_spearman']:.3f}"
+    )
+    if result.student_gflops > 0.25 * result.teacher_gflops:
+        print("warning: the student costs more than a quarter of the teacher; narrow it with --student (model.patch.embed_dim, "
+              "model.encoder.taps, model.input_size)", file=sys.stderr)
     return 0
 
 
@@ -212,6 +242,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-resume", action="store_true", help="start over even when RUN/last.pt exists")
     tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     tr.set_defaults(func=cmd_train)
+
+    dis = verbs.add_parser(
+        "distill",
+        help="distil a trained teacher into a small edge student",
+        description="Train a small student detector to reproduce a trained teacher's routed per-level anomaly maps "
+        "and image scores, on the normal images of --data and on pseudo-anomalies (cut-paste, Perlin blemishes) made "
+        "from them, plus its own reconstruction objective on the normals. By default the student has the Lite0 encoder "
+        "cut after stage 3, one narrow expert per level the teacher's routing uses on this product, and no router. "
+        "The teacher may use another encoder (a DINOv2 teacher, a Lite0 student). RUN/model.pt is an ordinary "
+        "checkpoint (amoe eval / convert / verify take it) that records its teacher's path and sha256 and the "
+        "distillation config; interrupted runs resume from RUN/last.pt.",
+        epilog="example: amoe train --data data/sample/kit --out runs/kit-teacher --config examples/configs/teacher_4x3.yaml && "
+        "amoe distill --teacher runs/kit-teacher --data data/sample/kit --out runs/kit-student --qat && "
+        "amoe convert --checkpoint runs/kit-student --target intel --precision int8 --out bundles/kit-student-int8",
+    )
+    dis.add_argument("--teacher", required=True, type=Path, help="the teacher's run folder or checkpoint (a finished amoe train run)")
+    dis.add_argument("--data", required=True, type=Path, help="MVTec category folder or folder of normal images (the teacher's own)")
+    dis.add_argument("--out", required=True, type=Path, help="run folder for the student")
+    dis.add_argument("--student", type=Path, help="YAML overriding the student and distillation defaults: model, loss, data, qat, "
+                     "train sections (see RUN/distill.yaml of any distillation run); unknown keys are errors")
+    dis.add_argument("--steps", type=int, help="optimisation steps (default 2400)")
+    dis.add_argument("--seed", type=int, help="random seed (default 0)")
+    dis.add_argument("--qat", action="store_true", help="quantization-aware fine-tuning over the last 30 %% of the steps, "
+                     "for the smallest loss when converting with --precision int8")
+    dis.add_argument("--no-resume", action="store_true", help="start over even when RUN/last.pt exists")
+    dis.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    dis.set_defaults(func=cmd_distill)
 
     ev = verbs.add_parser(
         "eval",

@@ -86,7 +86,10 @@ class AnomalyMoE(nn.Module):
             + ["global"] * config.global_.num_experts
         )
         num_experts = len(self.expert_levels)
-        self.router = TopKRouter(self.encoder.descriptor_dim, config.router.hidden_dim, num_experts, config.router.top_k)
+        self.router = (
+            None if config.router.static
+            else TopKRouter(self.encoder.descriptor_dim, config.router.hidden_dim, num_experts, config.router.top_k)
+        )
         level_matrix = torch.zeros(len(LEVELS), num_experts)
         for e, level in enumerate(self.expert_levels):
             level_matrix[LEVELS.index(level), e] = 1.0
@@ -113,9 +116,21 @@ class AnomalyMoE(nn.Module):
         self.encoder.eval()  # frozen: its batch norms never update
         return self
 
+    @property
+    def static_routing(self) -> bool:
+        return self.router is None
+
     @torch.no_grad()
     def encode(self, images_bgr: torch.Tensor) -> EncoderFeatures:
-        return self.encoder(images_bgr)
+        return self.encoder(images_bgr, with_descriptor=not self.static_routing)
+
+    def route(self, descriptor: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits and top-k weights, [B, E] each. Without a router (static routing): zero logits and equal
+        weights for every expert, so each expert counts equally within its level."""
+        if self.router is None:
+            logits = torch.zeros(batch, self.num_experts, device=self.map_low.device)
+            return logits, logits + 1.0 / self.num_experts
+        return self.router(descriptor)
 
     def standardise(self, taps: torch.Tensor) -> torch.Tensor:
         """[B, C, G, G] raw taps -> [B, N, C] standardised tokens."""
@@ -131,7 +146,7 @@ class AnomalyMoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, list[ExpertOutput]]:
         """All experts on one batch -> (router logits [B, E], routing weights [B, E], outputs in expert order)."""
         tokens = self.standardise(features.taps)
-        logits, weights = self.router(features.descriptor)
+        logits, weights = self.route(features.descriptor, tokens.shape[0])
         outputs = [
             expert(tokens, easy_fraction if with_loss else None, easy_scale) for expert in self.patch_experts
         ]
@@ -144,20 +159,29 @@ class AnomalyMoE(nn.Module):
             outputs += [expert(images_bgr, target) for expert in self.global_experts]
         return logits, weights, outputs
 
-    def fusion_weights(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """How much each expert's normalised map counts in the fused map: [B, E] logits and weights -> [B, E].
+    def level_fusion(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """How much each expert counts within its level: [B, E] logits and weights -> [B, L, E], rows summing to 1
+        over a level's experts.
 
-        Within a level, the selected experts count by their routing weights (renormalised over the level); a
-        level none of whose experts made the top-k uses the softmax of its own logits, so no level drops out of
-        the map. Each level then counts with its fixed ``level_weights`` share.
+        The selected experts count by their routing weights (renormalised over the level); a level none of whose
+        experts made the top-k uses the softmax of its own logits, so no level drops out of the map.
         """
         in_level = self.level_matrix.unsqueeze(0)  # [1, L, E]
         per_level = weights.unsqueeze(1) * in_level  # [B, L, E]
         level_total = per_level.sum(dim=2, keepdim=True)
         # -1e4 rather than -inf: stays finite in FP16 and in every exporter.
         level_softmax = (logits.unsqueeze(1) + (in_level - 1.0) * 1e4).softmax(dim=2) * in_level
-        within = torch.where(level_total > 0, per_level / level_total.clamp_min(FP16_SAFE_EPS), level_softmax)
-        return (self.level_weights.view(1, -1, 1) * within).sum(dim=1)
+        return torch.where(level_total > 0, per_level / level_total.clamp_min(FP16_SAFE_EPS), level_softmax)
+
+    def fusion_weights(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """How much each expert's normalised map counts in the fused map: [B, E] logits and weights -> [B, E]:
+        its weight within its level (``level_fusion``) times the level's fixed ``level_weights`` share."""
+        return (self.level_weights.view(1, -1, 1) * self.level_fusion(logits, weights)).sum(dim=1)
+
+    def level_maps(self, normalised_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed map of each level: [B, E, G, G] normalised expert maps -> [B, L, G, G]. The fused map is
+        their sum weighted by ``level_weights``; a level without experts is all zeros."""
+        return torch.einsum("ble,begh->blgh", self.level_fusion(logits, weights), normalised_maps)
 
     def normalise_maps(self, expert_maps: torch.Tensor) -> torch.Tensor:
         """[B, E, G, G] raw maps -> the same, normalised with each expert's validation statistics."""
@@ -179,4 +203,4 @@ class AnomalyMoE(nn.Module):
         return DetectorOutput(anomaly_map, score, weights, logits, expert_maps)
 
     def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:
-        return self.forward_features(self.encoder(images_bgr), images_bgr)
+        return self.forward_features(self.encoder(images_bgr, with_descriptor=not self.static_routing), images_bgr)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from amoe_sdk.checkpoint import FINAL_NAME, RESUME_NAME, atomic_torch_save, make_payload, read_checkpoint
+from amoe_sdk.checkpoint import FINAL_NAME, RESUME_NAME, atomic_torch_save, make_payload, read_checkpoint, run_state
 from amoe_sdk.config import AmoeConfig
 from amoe_sdk.data.layouts import read_dataset
 from amoe_sdk.errors import CheckpointError
@@ -50,7 +50,13 @@ def encode_all(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 16, de
         features = model.encode(images[start : start + batch_size].float())
         taps.append(features.taps)
         descriptors.append(features.descriptor)
-    return EncoderFeatures(torch.cat(taps), torch.cat(descriptors))
+    return EncoderFeatures(torch.cat(taps), None if descriptors[0] is None else torch.cat(descriptors))
+
+
+def select_features(features: EncoderFeatures, index) -> EncoderFeatures:
+    """The rows ``index`` (a slice or index tensor) of cached encoder features."""
+    descriptor = None if features.descriptor is None else features.descriptor[index]
+    return EncoderFeatures(features.taps[index], descriptor)
 
 
 @torch.no_grad()
@@ -65,12 +71,14 @@ def fit_feature_statistics(model: AnomalyMoE, train: EncoderFeatures, config: Am
 
 
 @torch.no_grad()
-def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig) -> dict:
-    """Per-expert map statistics on normal validation images (never the test set), and their image scores."""
+def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig, refit: bool = True) -> dict:
+    """Per-expert map statistics on normal validation images (never the test set), and their image scores.
+    ``refit=False`` keeps the model's normalisation (a distilled student's, learned against its teacher) and
+    only measures the scores."""
     model.eval()
     maps, logits, weights = [], [], []
     for start in range(0, len(val_images), 16):
-        chunk = EncoderFeatures(val.taps[start : start + 16], val.descriptor[start : start + 16])
+        chunk = select_features(val, slice(start, start + 16))
         chunk_logits, chunk_weights, outputs = model.run_experts(chunk, val_images[start : start + 16].float())
         maps.append(torch.cat([o.anomaly_map for o in outputs], dim=1))
         logits.append(chunk_logits)
@@ -78,8 +86,9 @@ def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images:
     maps, logits, weights = torch.cat(maps), torch.cat(logits), torch.cat(weights)  # [N, E, G, G], [N, E], [N, E]
     per_expert = maps.transpose(0, 1).reshape(model.num_experts, -1)  # [E, N*G*G]
     post = config.model.postprocess
-    model.map_low.copy_(torch.quantile(per_expert, post.norm_low_quantile, dim=1))
-    model.map_high.copy_(torch.quantile(per_expert, post.norm_high_quantile, dim=1))
+    if refit:
+        model.map_low.copy_(torch.quantile(per_expert, post.norm_low_quantile, dim=1))
+        model.map_high.copy_(torch.quantile(per_expert, post.norm_high_quantile, dim=1))
     # The raw expert maps do not depend on the normalisation: fuse them again instead of re-running the experts.
     scores = [
         model.postprocess(model.fuse(maps[i : i + 16], logits[i : i + 16], weights[i : i + 16]))[1]
@@ -169,12 +178,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
                 "optimizer": optimizer.state_dict(),
                 "estimators": estimators.state_dict(),
                 "estimator_optimizer": estimator_optimizer.state_dict() if estimator_optimizer else None,
-                "generator_state": generator.get_state(),
-                "torch_rng_state": torch.get_rng_state(),
-                "history": history,
-                "train_images": [str(p) for p in train_paths],
-                "val_images": [str(p) for p in val_paths],
-                "data_root": str(data_root),
+                **run_state(generator, history, train_paths, val_paths, data_root),
                 **(extra or {}),
             }),
             path,
@@ -187,7 +191,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         batch = torch.randint(len(train_images), (tc.batch_size,), generator=generator)
-        features = EncoderFeatures(train_features.taps[batch], train_features.descriptor[batch])
+        features = select_features(train_features, batch)
         logits, weights, outputs = model.run_experts(
             features, train_images[batch].float(), with_loss=True,
             easy_fraction=config.loss.hard_mining_easy_fraction, easy_scale=config.loss.hard_mining_easy_scale,
@@ -238,7 +242,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
 @torch.no_grad()
 def _routing_usage(model: AnomalyMoE, features: EncoderFeatures) -> dict:
     """How often each expert is among the top-k on the training images, and the mean weight it gets."""
-    _, weights = model.router(features.descriptor)
+    _, weights = model.route(features.descriptor, len(features.taps))
     selected = (weights > 0).float()
     return {
         "selected_share": selected.mean(dim=0).tolist(),

@@ -1,0 +1,383 @@
+"""Distillation: a trained mixture-of-experts teacher in, a small edge student out, on the CPU, resumably.
+
+The teacher's routed per-level maps and image scores are computed once, on the normal training images and on
+pseudo-anomalies made from them; the student's frozen encoder features likewise. Each step then trains only the
+student's experts and its map normalisation (learned against the teacher's, so that a score means the same for
+both) on a batch mixing normals and pseudo-anomalies. The held-out validation images stay the teacher's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from amoe_sdk.calibration.pseudo_anomalies import synthesise
+from amoe_sdk.checkpoint import (
+    FINAL_NAME, RESUME_NAME, atomic_torch_save, load_detector, make_payload, read_checkpoint, run_state,
+)
+from amoe_sdk.config import DistillConfig
+from amoe_sdk.converters.folding import count_cost
+from amoe_sdk.data.images import resize_image
+from amoe_sdk.data.layouts import read_dataset
+from amoe_sdk.errors import CheckpointError
+from amoe_sdk.evaluation.metrics import auroc
+from amoe_sdk.models.detector import LEVELS, AnomalyMoE
+from amoe_sdk.models.encoders import EncoderFeatures
+from amoe_sdk.runtimes.bundle import sha256_of
+from amoe_sdk.training.data import load_images, split_train_val
+from amoe_sdk.training.distill_losses import map_matching_loss, normal_reconstruction_loss, score_matching_loss
+from amoe_sdk.training.qat import FakeQuantization, float_state_dict
+from amoe_sdk.training.student import TeacherUsage, load_distill_config, teacher_usage
+from amoe_sdk.training.trainer import (
+    calibrate_normalisation, encode_all, fit_feature_statistics, learning_rate, seed_everything, select_features,
+)
+from amoe_sdk.version import __version__
+
+# Steps and checkpoint spacing may change between a run and its resumption; nothing else may.
+RESUMABLE_KEYS = ("steps", "checkpoint_every")
+
+
+@dataclass
+class DistillResult:
+    checkpoint: Path
+    steps: int
+    seconds: float
+    teacher_gflops: float
+    student_gflops: float
+    fidelity: dict[str, float]
+    final_losses: dict[str, float]
+
+
+@dataclass
+class TeacherTargets:
+    """What the student learns to reproduce, per image: ``level_maps`` [N, L, G, G] (routed, normalised),
+    ``scores`` [N]."""
+
+    level_maps: torch.Tensor
+    scores: torch.Tensor
+
+
+class LearnedNormalisation(nn.Module):
+    """The student's per-expert map normalisation (map - low) / span, learned so that its maps match the teacher's
+    normalised ones. ``forward(raw [B, E, G, G])`` -> the same shape."""
+
+    def __init__(self, low: torch.Tensor, high: torch.Tensor):
+        super().__init__()
+        self.low = nn.Parameter(low.clone())
+        self.log_span = nn.Parameter((high - low).clamp_min(1e-6).log())
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.low.view(1, -1, 1, 1)) / self.log_span.exp().view(1, -1, 1, 1)
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) [E] as the detector's ``map_low`` / ``map_high`` buffers hold them."""
+        return self.low.detach().clone(), (self.low + self.log_span.exp()).detach().clone()
+
+
+def check_teacher(payload: dict) -> None:
+    """Refuse a teacher this SDK cannot vouch for: another major.minor version, or a run that never finished."""
+    path = payload["path"]
+    theirs, ours = str(payload["sdk_version"]).split(".")[:2], __version__.split(".")[:2]
+    if theirs != ours:
+        raise CheckpointError(
+            f"teacher {path} was written by amoe-sdk {payload['sdk_version']}, this is amoe-sdk {__version__}: its "
+            f"model code may differ, so its maps cannot be trusted as targets. Retrain the teacher with this version "
+            f"(amoe train), or distil with amoe-sdk {'.'.join(theirs)}.x"
+        )
+    if "calibration" not in payload:
+        raise CheckpointError(
+            f"teacher {path} is an unfinished run (step {payload['step']}, no map normalisation yet): finish it with "
+            f"amoe train --out {Path(path).parent} (it resumes) before distilling"
+        )
+
+
+@torch.no_grad()
+def teacher_pass(teacher: AnomalyMoE, images: torch.Tensor, batch_size: int = 8, desc: str = "teacher") -> tuple[TeacherTargets, EncoderFeatures]:
+    """Teacher targets on uint8 images [N, 3, S, S], and its encoder features (for the routing analysis)."""
+    maps, scores, taps, descriptors = [], [], [], []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
+        chunk = images[start : start + batch_size].float()
+        features = teacher.encode(chunk)
+        logits, weights, outputs = teacher.run_experts(features, chunk)
+        normalised = teacher.normalise_maps(torch.cat([o.anomaly_map for o in outputs], dim=1))
+        level_maps = teacher.level_maps(normalised, logits, weights)
+        fused = (teacher.level_weights.view(1, -1, 1, 1) * level_maps).sum(dim=1, keepdim=True)
+        maps.append(level_maps)
+        scores.append(teacher.postprocess(fused)[1])
+        taps.append(features.taps)
+        descriptors.append(features.descriptor)
+    descriptor = None if descriptors[0] is None else torch.cat(descriptors)
+    return TeacherTargets(torch.cat(maps), torch.cat(scores)), EncoderFeatures(torch.cat(taps), descriptor)
+
+
+def student_outputs(
+    student: AnomalyMoE, normaliser: LearnedNormalisation, features: EncoderFeatures, images: torch.Tensor, with_loss: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(level maps [B, L, G, G], scores [B], expert losses [B, E] or None) of the student on one batch."""
+    logits, weights, outputs = student.run_experts(features, images.float(), with_loss=with_loss)
+    normalised = normaliser(torch.cat([o.anomaly_map for o in outputs], dim=1))
+    level_maps = student.level_maps(normalised, logits, weights)
+    fused = (student.level_weights.view(1, -1, 1, 1) * level_maps).sum(dim=1, keepdim=True)
+    _, scores = student.postprocess(fused)
+    losses = torch.stack([o.loss for o in outputs], dim=1) if with_loss else None
+    return level_maps, scores, losses
+
+
+def concat_features(a: EncoderFeatures, b: EncoderFeatures) -> EncoderFeatures:
+    descriptor = None if a.descriptor is None else torch.cat([a.descriptor, b.descriptor])
+    return EncoderFeatures(torch.cat([a.taps, b.taps]), descriptor)
+
+
+def _resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, 3, s, s] -> [N, 3, size, size], resized as the runtime resizes."""
+    if images.shape[-1] == size:
+        return images
+    nhwc = images.permute(0, 2, 3, 1).numpy()
+    return torch.from_numpy(np.stack([resize_image(image, size) for image in nhwc])).permute(0, 3, 1, 2).contiguous()
+
+
+def _split(dataset_train: list[Path], teacher_payload: dict, config: DistillConfig) -> tuple[list[Path], list[Path]]:
+    """The teacher's own train / validation split when it was made on these images (its validation images stay
+    unseen by both), else a fresh seeded split."""
+    val = [Path(p) for p in teacher_payload.get("val_images", [])]
+    train = [Path(p) for p in teacher_payload.get("train_images", [])]
+    available = set(dataset_train)
+    if val and train and set(val) <= available and set(train) <= available:
+        return train, val
+    tc = config.train
+    return split_train_val(dataset_train, tc.val_fraction, tc.min_val_images, tc.seed)
+
+
+def _same_setup(saved: dict, current: dict) -> bool:
+    def strip(d: dict) -> dict:
+        return {**d, "train": {k: v for k, v in d["train"].items() if k not in RESUMABLE_KEYS}}
+
+    return strip(saved) == strip(current)
+
+
+def distill(
+    teacher_path: str | Path,
+    data_root: str | Path,
+    out_dir: str | Path,
+    student_yaml: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = True,
+    show_progress: bool = True,
+) -> DistillResult:
+    """Distil the teacher run ``teacher_path`` into a student on the normal images of ``data_root``; writes
+    ``out_dir/model.pt`` (an ordinary checkpoint with a ``distillation`` record) and resumes from ``out_dir/last.pt``."""
+    started = time.time()
+    out_dir = Path(out_dir)
+    teacher, teacher_payload = load_detector(teacher_path)
+    check_teacher(teacher_payload)
+    teacher_file = Path(teacher_payload["path"]).resolve()
+    teacher_hash = sha256_of(teacher_file)
+
+    # Refuse a broken --student file now, not after minutes of teacher inference.
+    provisional = load_distill_config(teacher.config, TeacherUsage.everything(teacher), student_yaml, overrides)
+    dataset = read_dataset(data_root)
+    # The split and the routing analysis come first: the student's defaults depend on what the teacher uses.
+    train_paths, val_paths = _split(dataset.train, teacher_payload, provisional)
+    t_size = teacher.config.input_size
+    read = lambda desc: (lambda x: tqdm(x, desc=desc, leave=False, unit="img"))  # noqa: E731
+    t_normals = load_images(train_paths, t_size, read("read train"))
+    normal_targets, t_features = teacher_pass(teacher, t_normals, desc="teacher on normals")
+    usage = teacher_usage(teacher, t_features, provisional.data.min_expert_weight)
+    config = load_distill_config(teacher.config, usage, student_yaml, overrides)
+    del t_features
+    tc = config.train
+    seed_everything(tc.seed)
+
+    s_size = config.model.input_size
+    normals = _resize_batch(t_normals, s_size)
+    del t_normals
+    val_images = load_images(val_paths, s_size, read("read val"))
+    pseudo_count = len(normals) * config.data.pseudo_per_image if config.data.anomaly_share > 0 else 0
+    pseudo = torch.empty((0, 3, s_size, s_size), dtype=torch.uint8)
+    pseudo_targets = TeacherTargets(normal_targets.level_maps[:0], normal_targets.scores[:0])
+    if pseudo_count:
+        made, _ = synthesise(normals.permute(0, 2, 3, 1).numpy(), pseudo_count, seed=config.data.seed)
+        pseudo = torch.from_numpy(made).permute(0, 3, 1, 2).contiguous()
+        pseudo_targets, _ = teacher_pass(teacher, _resize_batch(pseudo, t_size), desc="teacher on pseudo-anomalies")
+
+    student = AnomalyMoE(config.model)
+    normal_features = encode_all(student, normals, desc="student encode train")
+    pseudo_features = encode_all(student, pseudo, desc="student encode pseudo") if pseudo_count else None
+    val_features = encode_all(student, val_images, desc="student encode val")
+    generator = torch.Generator().manual_seed(tc.seed)
+    training_config = config.as_training_config()
+    fit_feature_statistics(student, normal_features, training_config, generator)
+    all_images = torch.cat([normals, pseudo])
+    all_features = normal_features if pseudo_features is None else concat_features(normal_features, pseudo_features)
+    targets = TeacherTargets(
+        torch.cat([normal_targets.level_maps, pseudo_targets.level_maps]), torch.cat([normal_targets.scores, pseudo_targets.scores]),
+    )
+    normaliser = LearnedNormalisation(*_initial_bounds(student, normal_features, normals, config))
+
+    level_of_expert = torch.tensor([LEVELS.index(level) for level in student.expert_levels])
+    level_scales = torch.tensor([1.0, config.loss.component_scale, config.loss.global_scale])[level_of_expert]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": student.trainable_parameters(), "weight_decay": tc.weight_decay},
+            {"params": list(normaliser.parameters()), "weight_decay": 0.0},
+        ],
+        lr=tc.lr,
+    )
+    quantization = FakeQuantization(list(student.patch_experts) + list(student.component_experts) + list(student.global_experts))
+    qat_start = int(round(tc.steps * (1.0 - config.qat.fraction))) if config.qat.enabled else None
+    teacher_record = {
+        "path": str(teacher_file), "sha256": teacher_hash, "sdk_version": teacher_payload["sdk_version"],
+        "step": teacher_payload["step"], "config": teacher_payload["config"],
+    }
+
+    start_step, history = 0, []
+    resume_path = out_dir / RESUME_NAME
+    if resume and resume_path.is_file():
+        saved = read_checkpoint(resume_path)
+        record = saved.get("distillation")
+        if record is None:
+            raise CheckpointError(f"{resume_path} is not a distillation run; use a new --out folder")
+        if record["teacher"]["sha256"] != teacher_hash:
+            raise CheckpointError(
+                f"{resume_path} was distilled from another teacher ({record['teacher']['path']}, sha256 "
+                f"{record['teacher']['sha256'][:12]}...), not {teacher_file}; use a new --out folder or --no-resume"
+            )
+        if not _same_setup(record["config"], config.to_dict()):
+            raise CheckpointError(f"{resume_path} was distilled with another config; use a new --out folder or pass --no-resume to start over")
+        student.load_state_dict(saved["state_dict"])
+        normaliser.load_state_dict(saved["normaliser"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator_state"])
+        torch.set_rng_state(saved["torch_rng_state"])
+        start_step, history = saved["step"], saved["history"]
+
+    def distillation_record(extra: dict | None = None) -> dict:
+        return {"teacher": teacher_record, "config": config.to_dict(), "teacher_usage": usage.to_dict(), **(extra or {})}
+
+    def save(path: Path, step: int, extra: dict | None = None, record: dict | None = None) -> None:
+        payload = make_payload(student, training_config, step, {
+            "optimizer": optimizer.state_dict(),
+            "normaliser": normaliser.state_dict(),
+            **run_state(generator, history, train_paths, val_paths, data_root),
+            "distillation": record or distillation_record(),
+            **(extra or {}),
+        })
+        payload["state_dict"] = float_state_dict(student)
+        atomic_torch_save(payload, path)
+
+    n_normal, n_pseudo = len(normals), len(pseudo)
+    n_anomalous = int(round(tc.batch_size * config.data.anomaly_share)) if n_pseudo else 0
+    batch_is_normal = torch.arange(tc.batch_size) < tc.batch_size - n_anomalous
+    level_weights = student.level_weights
+    loop_started = time.time()
+    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
+    losses: dict[str, float] = {}
+    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="distill", unit="step", disable=not show_progress)
+    for step in bar:
+        if qat_start is not None and step >= qat_start:
+            quantization.enable()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, training_config)
+        normal_rows = torch.randint(n_normal, (tc.batch_size - n_anomalous,), generator=generator)
+        pseudo_rows = n_normal + torch.randint(max(n_pseudo, 1), (n_anomalous,), generator=generator)
+        rows = torch.cat([normal_rows, pseudo_rows])
+        batch_features, batch_images = select_features(all_features, rows), all_images[rows]
+        # Two passes: the reconstruction objective in training mode (the patch experts' noisy bottleneck is what
+        # keeps them from copying their input), the maps in inference mode, as they will be made at deployment.
+        student.train()
+        _, _, expert_losses = student_outputs(student, normaliser, batch_features, batch_images, True)
+        student.eval()
+        level_maps, scores, _ = student_outputs(student, normaliser, batch_features, batch_images, False)
+        map_loss = map_matching_loss(level_maps, targets.level_maps[rows], level_weights)
+        score_loss = score_matching_loss(scores, targets.scores[rows])
+        rec_loss = normal_reconstruction_loss(expert_losses, batch_is_normal, level_scales)
+        lc = config.loss
+        total = lc.map_weight * map_loss + lc.score_weight * score_loss + lc.reconstruction_weight * rec_loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(student.trainable_parameters() + list(normaliser.parameters()), tc.grad_clip)
+        optimizer.step()
+        losses = {"total": total.item(), "map": map_loss.item(), "score": score_loss.item(), "rec": rec_loss.item(), "qat": float(quantization.enabled)}
+        history.append({"step": step + 1, **losses, "elapsed_s": elapsed_before + time.time() - loop_started})
+        bar.set_postfix(map=f"{losses['map']:.4f}", score=f"{losses['score']:.4f}", rec=f"{losses['rec']:.4f}")
+        if (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
+            save(resume_path, step + 1)
+    bar.close()
+    quantization.disable()
+
+    student.eval()
+    low, high = normaliser.bounds()
+    student.map_low.copy_(low)
+    student.map_high.copy_(high)
+    calibration = calibrate_normalisation(student, val_features, val_images, training_config, refit=False)
+    calibration["normalisation"] = "learned against the teacher's normalised maps during distillation"
+    fidelity = measure_fidelity(teacher, student, val_images, config.data.seed)
+    teacher_params, teacher_gflops = count_cost(teacher, t_size)
+    student_params, student_gflops = count_cost(student, s_size)
+    cost = {
+        "teacher_params": teacher_params, "teacher_gflops": teacher_gflops,
+        "student_params": student_params, "student_gflops": student_gflops, "flops_ratio": student_gflops / teacher_gflops,
+    }
+    record = distillation_record({"cost": cost, "fidelity": fidelity})
+    final = out_dir / FINAL_NAME
+    save(final, tc.steps, {"calibration": calibration, "train_seconds": time.time() - started}, record)
+    save(resume_path, tc.steps, record=record)
+    training_config.save_yaml(out_dir / "config.yaml")
+    config.save_yaml(out_dir / "distill.yaml")
+    (out_dir / "history.json").write_text(json.dumps(history))
+    return DistillResult(final, tc.steps, time.time() - started, teacher_gflops, student_gflops, fidelity, losses)
+
+
+@torch.no_grad()
+def _initial_bounds(student: AnomalyMoE, features: EncoderFeatures, images: torch.Tensor, config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The untrained student's per-expert map quantiles on normal images: where the learned normalisation starts."""
+    student.eval()
+    maps = []
+    for start in range(0, len(images), 16):
+        _, _, outputs = student.run_experts(select_features(features, slice(start, start + 16)), images[start : start + 16].float())
+        maps.append(torch.cat([o.anomaly_map for o in outputs], dim=1))
+    per_expert = torch.cat(maps).transpose(0, 1).reshape(student.num_experts, -1)
+    post = config.model.postprocess
+    return torch.quantile(per_expert, post.norm_low_quantile, dim=1), torch.quantile(per_expert, post.norm_high_quantile, dim=1)
+
+
+@torch.no_grad()
+def measure_fidelity(teacher: AnomalyMoE, student: AnomalyMoE, val_images: torch.Tensor, seed: int) -> dict[str, float]:
+    """How closely the finished student follows its teacher on data neither has seen: the held-out normal images
+    and one pseudo-anomaly made from each (another seed than training's). Image and pixel AUROC of both, the
+    Spearman rank correlation of their scores, and ``map_error`` / ``score_error``: the mean squared difference of
+    their asinh-compressed anomaly maps (at the mask size) and scores, what distillation minimises."""
+    made, masks = synthesise(val_images.permute(0, 2, 3, 1).numpy(), len(val_images), seed=seed + 1)
+    images = torch.cat([val_images, torch.from_numpy(made).permute(0, 3, 1, 2)])
+    labels = np.r_[np.zeros(len(val_images)), np.ones(len(made))]
+    pixel_truth = np.concatenate([np.zeros((len(val_images),) + masks.shape[1:], bool), masks])
+    result = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        size = model.config.input_size
+        out_scores, out_maps = [], []
+        for start in range(0, len(images), 8):
+            output = model(_resize_batch(images[start : start + 8], size).float())
+            out_scores.append(output.score)
+            out_maps.append(torch.nn.functional.interpolate(output.anomaly_map, size=masks.shape[1:], mode="bilinear", align_corners=False))
+        scores = torch.cat(out_scores).numpy()
+        maps = torch.cat(out_maps)[:, 0].numpy()
+        result[f"{name}_image_auroc"] = auroc(labels, scores)
+        result[f"{name}_pixel_auroc"] = auroc(pixel_truth.ravel(), maps.ravel())
+        result[f"{name}_scores"] = scores
+        result[f"{name}_maps"] = maps
+    scores = [result.pop(f"{name}_scores") for name in ("teacher", "student")]
+    maps = [result.pop(f"{name}_maps") for name in ("teacher", "student")]
+    ranks = [np.argsort(np.argsort(s)) for s in scores]
+    result["score_spearman"] = float(np.corrcoef(ranks[0], ranks[1])[0, 1])
+    result["map_error"] = float(np.mean((np.arcsinh(maps[1]) - np.arcsinh(maps[0])) ** 2))
+    result["score_error"] = float(np.mean((np.arcsinh(scores[1]) - np.arcsinh(scores[0])) ** 2))
+    result["images"] = int(len(images))
+    return result
