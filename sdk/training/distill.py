@@ -99,6 +99,18 @@ def check_teacher(payload: dict) -> None:
         )
 
 
+def routed_outputs(
+    model: AnomalyMoE, normalise, features: EncoderFeatures, images: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(routed per-level maps [B, L, G, G], image scores [B]) of a detector on one batch, its raw expert maps
+    normalised by ``normalise`` ([B, E, G, G] -> the same): the teacher's own statistics, or the student's learned
+    normalisation."""
+    logits, weights, outputs = model.run_experts(features, images.float())
+    level_maps = model.level_maps(normalise(torch.cat([o.anomaly_map for o in outputs], dim=1)), logits, weights)
+    fused = (model.level_weights.view(1, -1, 1, 1) * level_maps).sum(dim=1, keepdim=True)
+    return level_maps, model.postprocess(fused)[1]
+
+
 @torch.no_grad()
 def teacher_pass(teacher: AnomalyMoE, images: torch.Tensor, batch_size: int = 8, desc: str = "teacher") -> tuple[TeacherTargets, EncoderFeatures]:
     """Teacher targets on uint8 images [N, 3, S, S], and its encoder features (for the routing analysis)."""
@@ -106,29 +118,17 @@ def teacher_pass(teacher: AnomalyMoE, images: torch.Tensor, batch_size: int = 8,
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
         chunk = images[start : start + batch_size].float()
         features = teacher.encode(chunk)
-        logits, weights, outputs = teacher.run_experts(features, chunk)
-        normalised = teacher.normalise_maps(torch.cat([o.anomaly_map for o in outputs], dim=1))
-        level_maps = teacher.level_maps(normalised, logits, weights)
-        fused = (teacher.level_weights.view(1, -1, 1, 1) * level_maps).sum(dim=1, keepdim=True)
+        level_maps, chunk_scores = routed_outputs(teacher, teacher.normalise_maps, features, chunk)
         maps.append(level_maps)
-        scores.append(teacher.postprocess(fused)[1])
+        scores.append(chunk_scores)
         taps.append(features.taps)
         descriptors.append(features.descriptor)
     descriptor = None if descriptors[0] is None else torch.cat(descriptors)
     return TeacherTargets(torch.cat(maps), torch.cat(scores)), EncoderFeatures(torch.cat(taps), descriptor)
 
 
-def student_outputs(
-    student: AnomalyMoE, normaliser: LearnedNormalisation, features: EncoderFeatures, images: torch.Tensor, with_loss: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(level maps [B, L, G, G], scores [B], expert losses [B, E] or None) of the student on one batch."""
-    logits, weights, outputs = student.run_experts(features, images.float(), with_loss=with_loss)
-    normalised = normaliser(torch.cat([o.anomaly_map for o in outputs], dim=1))
-    level_maps = student.level_maps(normalised, logits, weights)
-    fused = (student.level_weights.view(1, -1, 1, 1) * level_maps).sum(dim=1, keepdim=True)
-    _, scores = student.postprocess(fused)
-    losses = torch.stack([o.loss for o in outputs], dim=1) if with_loss else None
-    return level_maps, scores, losses
+def _progress(desc: str):
+    return lambda items: tqdm(items, desc=desc, leave=False, unit="img")
 
 
 def concat_features(a: EncoderFeatures, b: EncoderFeatures) -> EncoderFeatures:
@@ -187,8 +187,7 @@ def distill(
     # The split and the routing analysis come first: the student's defaults depend on what the teacher uses.
     train_paths, val_paths = _split(dataset.train, teacher_payload, provisional)
     t_size = teacher.config.input_size
-    read = lambda desc: (lambda x: tqdm(x, desc=desc, leave=False, unit="img"))  # noqa: E731
-    t_normals = load_images(train_paths, t_size, read("read train"))
+    t_normals = load_images(train_paths, t_size, _progress("read train"))
     normal_targets, t_features = teacher_pass(teacher, t_normals, desc="teacher on normals")
     usage = teacher_usage(teacher, t_features, provisional.data.min_expert_weight)
     config = load_distill_config(teacher.config, usage, student_yaml, overrides)
@@ -199,7 +198,7 @@ def distill(
     s_size = config.model.input_size
     normals = _resize_batch(t_normals, s_size)
     del t_normals
-    val_images = load_images(val_paths, s_size, read("read val"))
+    val_images = load_images(val_paths, s_size, _progress("read val"))
     pseudo_count = len(normals) * config.data.pseudo_per_image if config.data.anomaly_share > 0 else 0
     pseudo = torch.empty((0, 3, s_size, s_size), dtype=torch.uint8)
     pseudo_targets = TeacherTargets(normal_targets.level_maps[:0], normal_targets.scores[:0])
@@ -220,7 +219,9 @@ def distill(
     targets = TeacherTargets(
         torch.cat([normal_targets.level_maps, pseudo_targets.level_maps]), torch.cat([normal_targets.scores, pseudo_targets.scores]),
     )
-    normaliser = LearnedNormalisation(*_initial_bounds(student, normal_features, normals, config))
+    # The learned normalisation starts from the untrained student's own quantiles on the normal training images.
+    calibrate_normalisation(student, normal_features, normals, training_config)
+    normaliser = LearnedNormalisation(student.map_low, student.map_high)
 
     level_of_expert = torch.tensor([LEVELS.index(level) for level in student.expert_levels])
     level_scales = torch.tensor([1.0, config.loss.component_scale, config.loss.global_scale])[level_of_expert]
@@ -293,9 +294,10 @@ def distill(
         # Two passes: the reconstruction objective in training mode (the patch experts' noisy bottleneck is what
         # keeps them from copying their input), the maps in inference mode, as they will be made at deployment.
         student.train()
-        _, _, expert_losses = student_outputs(student, normaliser, batch_features, batch_images, True)
+        _, _, outputs = student.run_experts(batch_features, batch_images.float(), with_loss=True)
+        expert_losses = torch.stack([o.loss for o in outputs], dim=1)  # [B, E]
         student.eval()
-        level_maps, scores, _ = student_outputs(student, normaliser, batch_features, batch_images, False)
+        level_maps, scores = routed_outputs(student, normaliser, batch_features, batch_images)
         map_loss = map_matching_loss(level_maps, targets.level_maps[rows], level_weights)
         score_loss = score_matching_loss(scores, targets.scores[rows])
         rec_loss = normal_reconstruction_loss(expert_losses, batch_is_normal, level_scales)
@@ -334,19 +336,6 @@ def distill(
     config.save_yaml(out_dir / "distill.yaml")
     (out_dir / "history.json").write_text(json.dumps(history))
     return DistillResult(final, tc.steps, time.time() - started, teacher_gflops, student_gflops, fidelity, losses)
-
-
-@torch.no_grad()
-def _initial_bounds(student: AnomalyMoE, features: EncoderFeatures, images: torch.Tensor, config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The untrained student's per-expert map quantiles on normal images: where the learned normalisation starts."""
-    student.eval()
-    maps = []
-    for start in range(0, len(images), 16):
-        _, _, outputs = student.run_experts(select_features(features, slice(start, start + 16)), images[start : start + 16].float())
-        maps.append(torch.cat([o.anomaly_map for o in outputs], dim=1))
-    per_expert = torch.cat(maps).transpose(0, 1).reshape(student.num_experts, -1)
-    post = config.model.postprocess
-    return torch.quantile(per_expert, post.norm_low_quantile, dim=1), torch.quantile(per_expert, post.norm_high_quantile, dim=1)
 
 
 @torch.no_grad()
