@@ -2,8 +2,10 @@
 
 They stand in for real defects when the accuracy of a quantized model must be checked and the user has no
 anomalous images: cut-paste (a patch of one normal image, flipped or rotated, pasted elsewhere; structural
-anomalies look like that to a reconstruction model) and Perlin-noise blemishes (an irregular smooth region
-blended towards another colour or texture: stains, contamination). Deterministic for a seed.
+anomalies look like that to a reconstruction model), Perlin-noise blemishes (an irregular smooth region
+blended towards another colour or texture: stains, contamination) and region swaps (two parts of one image
+trade places: every pixel is a normal one and only the layout is wrong, as in a logical anomaly such as
+components in each other's compartments). Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -69,21 +71,53 @@ def perlin_blemish(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
     return np.clip(out, 0, 255).astype(np.uint8), mask
 
 
-def synthesise(normals: np.ndarray, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def region_swap(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Exchange two non-overlapping squares of ``image`` (H x W x 3 uint8) -> (image, bool mask of changed pixels)."""
+    h, w = image.shape[:2]
+    side = int(rng.uniform(0.2, 0.4) * min(h, w))
+    first = (int(rng.integers(0, h - side)), int(rng.integers(0, w - side)))
+    for _ in range(50):
+        second = (int(rng.integers(0, h - side)), int(rng.integers(0, w - side)))
+        if abs(second[0] - first[0]) >= side or abs(second[1] - first[1]) >= side:
+            break
+    else:  # no room for a second square beside the first: swap the image's left and right halves' squares
+        side = min(h, w // 2)
+        first, second = (0, 0), (0, w // 2)
+    (ay, ax), (by, bx) = first, second
+    out = image.copy()
+    out[ay : ay + side, ax : ax + side] = image[by : by + side, bx : bx + side]
+    out[by : by + side, bx : bx + side] = image[ay : ay + side, ax : ax + side]
+    # A swap of two alike regions changes nothing there: the mask is exactly what changed.
+    mask = np.any(out != image, axis=-1)
+    return out, mask
+
+
+PSEUDO_KINDS = ("cut_paste", "perlin", "region_swap")
+
+
+def synthesise(
+    normals: np.ndarray, count: int, seed: int = 0, kinds: tuple[str, ...] = ("cut_paste", "perlin"),
+) -> tuple[np.ndarray, np.ndarray]:
     """``count`` pseudo-anomalies from normal images [N, H, W, 3] uint8 -> (images [count, H, W, 3], masks [count, H, W]).
 
-    Half cut-paste, half Perlin blemishes, each from a different normal image where there are enough.
+    The ``kinds`` (of ``PSEUDO_KINDS``) take turns, each from a different normal image where there are enough.
     """
     if len(normals) == 0:
         raise ValueError("pseudo-anomalies need at least one normal image")
+    unknown = sorted(set(kinds) - set(PSEUDO_KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"pseudo-anomaly kinds must be a non-empty choice of {list(PSEUDO_KINDS)}, got {list(kinds)}")
     rng = np.random.default_rng(seed)
     images, masks = [], []
     for i in range(count):
         base = normals[i % len(normals)]
-        if i % 2 == 0:
+        kind = kinds[i % len(kinds)]
+        if kind == "cut_paste":
             image, mask = cut_paste(base, normals[rng.integers(len(normals))], rng)
-        else:
+        elif kind == "perlin":
             image, mask = perlin_blemish(base, rng)
+        else:
+            image, mask = region_swap(base, rng)
         images.append(image)
         masks.append(mask)
     return np.stack(images), np.stack(masks)

@@ -71,6 +71,7 @@ class GlobalExpertConfig:
     image_size: int = 64
     code_dim: int = 64
     width: int = 64
+    activation: str = "relu"  # or "leaky_relu"
 
 
 @dataclass
@@ -190,8 +191,8 @@ class DistillLossConfig:
     in training), so that it stays a reconstruction model and does not learn the pseudo-anomalies by heart.
     """
 
-    map_weight: float = 0.2
-    score_weight: float = 0.5
+    map_weight: float = 1.0
+    score_weight: float = 0.1
     reconstruction_weight: float = 1.0
     component_scale: float = 0.1
     global_scale: float = 0.1
@@ -199,12 +200,14 @@ class DistillLossConfig:
 
 @dataclass
 class DistillDataConfig:
-    """What the student learns from. ``pseudo_per_image`` pseudo-anomalies (cut-paste and Perlin blemishes) are
-    made from each normal training image once; ``anomaly_share`` of every batch is drawn from them. A teacher
+    """What the student learns from. ``pseudo_per_image`` pseudo-anomalies of the ``pseudo_kinds`` (cut-paste,
+    Perlin blemishes and region swaps, the last for the teacher's response to a wrong layout) are made from each
+    normal training image once; ``anomaly_share`` of every batch is drawn from them. A teacher
     expert counts as used on this product when its mean fusion weight on the training images is at least
     ``min_expert_weight``; a level with no used expert gets no student expert."""
 
     pseudo_per_image: int = 3
+    pseudo_kinds: list[str] = field(default_factory=lambda: ["cut_paste", "perlin", "region_swap"])
     anomaly_share: float = 0.5
     min_expert_weight: float = 0.02
     seed: int = 0
@@ -311,6 +314,8 @@ def validate_config(config: AmoeConfig) -> None:
         raise ConfigError("train.steps and train.batch_size must be positive")
     if not 0.0 <= model.postprocess.norm_low_quantile < model.postprocess.norm_high_quantile <= 1.0:
         raise ConfigError("postprocess quantiles must satisfy 0 <= norm_low_quantile < norm_high_quantile <= 1")
+    if model.global_.activation not in ("relu", "leaky_relu"):
+        raise ConfigError(f"global.activation={model.global_.activation!r} must be 'relu' or 'leaky_relu'")
     level_weights = model.postprocess.level_weights
     if len(level_weights) != 3 or min(level_weights) < 0 or sum(level_weights) <= 0:
         raise ConfigError(

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from amoe_sdk.calibration.data import gate_set, normal_image_paths
-from amoe_sdk.calibration.pseudo_anomalies import perlin_noise, synthesise
+from amoe_sdk.calibration.pseudo_anomalies import perlin_noise, region_swap, synthesise
 from amoe_sdk.calibration.tensorrt_cache import read_tensorrt_cache, tensorrt_version_code, write_tensorrt_cache
 from amoe_sdk.errors import DataError
 
@@ -31,6 +31,22 @@ def test_pseudo_anomalies_change_the_image_inside_their_masks_only():
         assert changed[mask].mean() > 0.5 and not changed[~mask].any()
     again, _ = synthesise(normals, 6, seed=1)
     assert np.array_equal(images, again)
+
+
+def test_region_swap_moves_normal_pixels_without_adding_any():
+    rng = np.random.default_rng(0)
+    normals = rng.integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    images, masks = synthesise(normals, 3, seed=2, kinds=("region_swap",))
+    for image, mask, base in zip(images, masks, normals):
+        assert 0.05 < mask.mean() < 0.4
+        assert np.array_equal(np.any(image != base, axis=2), mask)
+        # A permutation of the same pixels: the layout is wrong, no colour is new.
+        assert np.array_equal(np.sort(image.reshape(-1, 3), axis=0), np.sort(base.reshape(-1, 3), axis=0))
+    # Two alike regions trade places without a change: the mask stays empty rather than claiming a defect.
+    flat = np.full((64, 64, 3), 7, np.uint8)
+    assert not region_swap(flat, np.random.default_rng(0))[1].any()
+    with pytest.raises(ValueError, match="pseudo-anomaly kinds"):
+        synthesise(normals, 2, kinds=("scratch",))
 
 
 def test_perlin_noise_is_smooth_and_bounded():

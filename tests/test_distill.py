@@ -233,6 +233,18 @@ def test_unknown_student_config_keys_are_refused(line_run, sample_root, tmp_path
         distill(line_run, sample_root / "washer", tmp_path / "student", path, show_progress=False)
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"data": {"pseudo_kinds": ["cut_paste", "scratch"]}}, "pseudo_kinds"),
+    ({"data": {"pseudo_kinds": []}}, "pseudo_kinds"),
+    ({"model": {"global": {"activation": "gelu"}}}, "global.activation"),
+])
+def test_invalid_student_config_values_are_refused(line_run, sample_root, tmp_path, bad, message):
+    path = tmp_path / "student.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=message):
+        distill(line_run, sample_root / "washer", tmp_path / "student", path, show_progress=False)
+
+
 def test_student_postprocess_must_match_the_teacher(line_run, sample_root, tmp_path):
     path = tmp_path / "student.yaml"
     path.write_text(yaml.safe_dump({"model": {"postprocess": {"top_percent": 5.0}}}))

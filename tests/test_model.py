@@ -2,12 +2,12 @@ import pytest
 import timm
 import torch
 
-from amoe_sdk.config import EncoderConfig
+from amoe_sdk.config import EncoderConfig, GlobalExpertConfig
 from amoe_sdk.errors import WeightsError
 from amoe_sdk.models.components import ComponentAssigner
 from amoe_sdk.models.detector import AnomalyMoE
 from amoe_sdk.models.encoders import build_encoder
-from amoe_sdk.models.experts import PatchExpert
+from amoe_sdk.models.experts import GlobalExpert, PatchExpert
 from amoe_sdk.models.lite0_weights import load_lite0_state_dict
 from amoe_sdk.models.router import TopKRouter
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
@@ -140,6 +140,20 @@ def test_component_centroids_follow_the_component():
     x, y = slots.centroids[0, 1].tolist()
     assert x < -0.3 and y < -0.3  # grid coordinates run from -1 (left / top) to 1
     assert slots.areas[0, 1] == 0.25
+
+
+@pytest.mark.parametrize("activation, map_varies", [("relu", False), ("leaky_relu", True)])
+def test_a_leaky_global_expert_keeps_its_map_alive_where_relu_dies(activation, map_varies):
+    torch.manual_seed(0)
+    expert = GlobalExpert(GlobalExpertConfig(width=16, code_dim=8, activation=activation), channels=4, grid_size=8)
+    with torch.no_grad():  # every hidden unit pushed below zero: what distillation did to the ReLU student's
+        for layer in list(expert.student) + list(expert.ae_encoder):
+            if isinstance(layer, torch.nn.Conv2d) and layer.out_channels != 4:
+                layer.bias.fill_(-100.0)
+    images = torch.rand(2, 3, 64, 64) * 255
+    maps = expert(images).anomaly_map
+    assert torch.allclose(maps[0], maps[1]) is not map_varies
+    assert GlobalExpertConfig().activation == "relu"  # a checkpoint from before the option keeps its behaviour
 
 
 def test_fusion_keeps_a_level_that_the_top_k_left_out(tiny_model):

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distill",
         help="distil a trained teacher into a small edge student",
         description="Train a small student detector to reproduce a trained teacher's routed per-level anomaly maps "
-        "and image scores, on the normal images of --data and on pseudo-anomalies (cut-paste, Perlin blemishes) made "
+        "and image scores, on the normal images of --data and on pseudo-anomalies (cut-paste, Perlin blemishes, region swaps) made "
         "from them, plus its own reconstruction objective on the normals. By default the student has the Lite0 encoder "
         "cut after stage 3, one narrow expert per level the teacher's routing uses on this product, and no router. "
         "The teacher may use another encoder (a DINOv2 teacher, a Lite0 student). RUN/model.pt is an ordinary "

@@ -18,6 +18,10 @@ from amoe_sdk.models.components import ComponentSlots
 from amoe_sdk.models.encoders import resample_to_grid
 from amoe_sdk.models.layers import FP16_SAFE_EPS, LinearAttentionBlock, Mlp
 
+# The global experts' activation. ReLU is the original; a leaky one cannot die, which a small student's
+# global expert does under distillation's learning rate (its map then goes flat and the level is lost).
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.1)}
+
 
 @dataclass
 class ExpertOutput:
@@ -128,26 +132,27 @@ class GlobalExpert(nn.Module):
     def __init__(self, config: GlobalExpertConfig, channels: int, grid_size: int):
         super().__init__()
         w, s = config.width, config.image_size
+        act = ACTIVATIONS[config.activation]
         if s % 16 != 0:
             raise ValueError(f"global.image_size must be a multiple of 16, got {s}")
         self.image_size = s
         self.grid_size = grid_size
         self.ae_encoder = nn.Sequential(
-            nn.Conv2d(3, w // 2, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(w // 2, w // 2, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(w // 2, w, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(w, w, 4, 2, 1), nn.ReLU(),
+            nn.Conv2d(3, w // 2, 4, 2, 1), act(),
+            nn.Conv2d(w // 2, w // 2, 4, 2, 1), act(),
+            nn.Conv2d(w // 2, w, 4, 2, 1), act(),
+            nn.Conv2d(w, w, 4, 2, 1), act(),
             nn.Conv2d(w, config.code_dim, s // 16),  # [B, code, 1, 1]
         )
         self.decoder_sizes = [4, 8, 16, grid_size]
         self.ae_decoder = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(config.code_dim if i == 0 else w, w, 3, 1, 1), nn.ReLU()) for i in range(4)
+            nn.Sequential(nn.Conv2d(config.code_dim if i == 0 else w, w, 3, 1, 1), act()) for i in range(4)
         )
         self.ae_head = nn.Conv2d(w, channels, 1)
         self.student = nn.Sequential(
-            nn.Conv2d(3, w // 2, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(w // 2, w, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, 1, 1), nn.ReLU(),
+            nn.Conv2d(3, w // 2, 4, 2, 1), act(),
+            nn.Conv2d(w // 2, w, 4, 2, 1), act(),
+            nn.Conv2d(w, 2 * w, 3, 1, 1), act(),
             nn.Conv2d(2 * w, channels, 1),
         )
 

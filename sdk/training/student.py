@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from amoe_sdk.calibration.pseudo_anomalies import PSEUDO_KINDS
 from amoe_sdk.config import (
     ComponentExpertConfig, DistillConfig, EncoderConfig, GlobalExpertConfig, ModelConfig, PatchExpertConfig,
     RouterConfig, merge_dicts, read_yaml_mapping, validate_config,
@@ -81,7 +82,9 @@ def default_student_model(teacher: ModelConfig, usage: TeacherUsage) -> ModelCon
             num_experts=per_level["component"], num_slots=teacher.component.num_slots, hidden_dim=128, code_dim=32,
             area_weight=teacher.component.area_weight,
         ),
-        global_=GlobalExpertConfig(num_experts=per_level["global"], image_size=64, code_dim=32, width=32),
+        # Leaky: with ReLU the student's global expert died under distillation (a constant map on every image),
+        # and the global level is what sees a wrong layout.
+        global_=GlobalExpertConfig(num_experts=per_level["global"], image_size=64, code_dim=32, width=32, activation="leaky_relu"),
         router=RouterConfig(static=True),
         postprocess=copy.deepcopy(teacher.postprocess),
     )
@@ -106,6 +109,9 @@ def load_distill_config(teacher: ModelConfig, usage: TeacherUsage, student_yaml=
         )
     if not 0.0 <= config.data.anomaly_share < 1.0 or config.data.pseudo_per_image < 1 and config.data.anomaly_share > 0:
         raise ConfigError(f"{source}: data.anomaly_share must lie in [0, 1) and data.pseudo_per_image be at least 1")
+    unknown_kinds = sorted(set(config.data.pseudo_kinds) - set(PSEUDO_KINDS))
+    if unknown_kinds or not config.data.pseudo_kinds:
+        raise ConfigError(f"{source}: data.pseudo_kinds must be a non-empty choice of {list(PSEUDO_KINDS)}, got {config.data.pseudo_kinds}")
     if not 0.0 < config.qat.fraction <= 1.0:
         raise ConfigError(f"{source}: qat.fraction must lie in (0, 1]")
     return config
