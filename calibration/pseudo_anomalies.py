@@ -80,7 +80,7 @@ def region_swap(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
         second = (int(rng.integers(0, h - side)), int(rng.integers(0, w - side)))
         if abs(second[0] - first[0]) >= side or abs(second[1] - first[1]) >= side:
             break
-    else:  # no room for a second square beside the first: swap the image's left and right halves' squares
+    else:  # the first square sits too central to leave room for a second: swap the top-left and top-right squares
         side = min(h, w // 2)
         first, second = (0, 0), (0, w // 2)
     (ay, ax), (by, bx) = first, second
