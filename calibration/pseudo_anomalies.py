@@ -10,6 +10,8 @@ components in each other's compartments). Deterministic for a seed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
@@ -95,8 +97,14 @@ def region_swap(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
 PSEUDO_KINDS = ("cut_paste", "perlin", "region_swap")
 
 
+def check_kinds(kinds: Sequence[str]) -> None:
+    """ValueError unless ``kinds`` is a non-empty choice of ``PSEUDO_KINDS``."""
+    if not kinds or set(kinds) - set(PSEUDO_KINDS):
+        raise ValueError(f"pseudo-anomaly kinds must be a non-empty choice of {list(PSEUDO_KINDS)}, got {list(kinds)}")
+
+
 def synthesise(
-    normals: np.ndarray, count: int, seed: int = 0, kinds: tuple[str, ...] = ("cut_paste", "perlin"),
+    normals: np.ndarray, count: int, seed: int = 0, kinds: Sequence[str] = ("cut_paste", "perlin"),
 ) -> tuple[np.ndarray, np.ndarray]:
     """``count`` pseudo-anomalies from normal images [N, H, W, 3] uint8 -> (images [count, H, W, 3], masks [count, H, W]).
 
@@ -104,9 +112,7 @@ def synthesise(
     """
     if len(normals) == 0:
         raise ValueError("pseudo-anomalies need at least one normal image")
-    unknown = sorted(set(kinds) - set(PSEUDO_KINDS))
-    if unknown or not kinds:
-        raise ValueError(f"pseudo-anomaly kinds must be a non-empty choice of {list(PSEUDO_KINDS)}, got {list(kinds)}")
+    check_kinds(kinds)
     rng = np.random.default_rng(seed)
     images, masks = [], []
     for i in range(count):

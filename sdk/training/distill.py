@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from amoe_sdk.calibration.pseudo_anomalies import PSEUDO_KINDS, synthesise
+from amoe_sdk.calibration.pseudo_anomalies import synthesise
 from amoe_sdk.checkpoint import (
     FINAL_NAME, RESUME_NAME, atomic_torch_save, load_detector, make_payload, read_checkpoint, run_state,
 )
@@ -203,9 +203,7 @@ def distill(
     pseudo = torch.empty((0, 3, s_size, s_size), dtype=torch.uint8)
     pseudo_targets = TeacherTargets(normal_targets.level_maps[:0], normal_targets.scores[:0])
     if pseudo_count:
-        made, _ = synthesise(
-            normals.permute(0, 2, 3, 1).numpy(), pseudo_count, seed=config.data.seed, kinds=tuple(config.data.pseudo_kinds),
-        )
+        made, _ = synthesise(normals.permute(0, 2, 3, 1).numpy(), pseudo_count, seed=config.data.seed, kinds=config.data.pseudo_kinds)
         pseudo = torch.from_numpy(made).permute(0, 3, 1, 2).contiguous()
         pseudo_targets, _ = teacher_pass(teacher, _resize_batch(pseudo, t_size), desc="teacher on pseudo-anomalies")
 
@@ -323,7 +321,7 @@ def distill(
     student.map_high.copy_(high)
     calibration = calibrate_normalisation(student, val_features, val_images, training_config, refit=False)
     calibration["normalisation"] = "learned against the teacher's normalised maps during distillation"
-    fidelity = measure_fidelity(teacher, student, val_images, config.data.seed, tuple(config.data.pseudo_kinds))
+    fidelity = measure_fidelity(teacher, student, val_images, config.data.seed, config.data.pseudo_kinds)
     teacher_params, teacher_gflops = count_cost(teacher, t_size)
     student_params, student_gflops = count_cost(student, s_size)
     cost = {
@@ -342,12 +340,12 @@ def distill(
 
 @torch.no_grad()
 def measure_fidelity(
-    teacher: AnomalyMoE, student: AnomalyMoE, val_images: torch.Tensor, seed: int, kinds: tuple[str, ...] = PSEUDO_KINDS,
+    teacher: AnomalyMoE, student: AnomalyMoE, val_images: torch.Tensor, seed: int, kinds: list[str],
 ) -> dict[str, float]:
-    """How closely the finished student follows its teacher on data neither has seen: the held-out normal images
-    and one pseudo-anomaly made from each (another seed than training's). Image and pixel AUROC of both, the
-    Spearman rank correlation of their scores, and ``map_error`` / ``score_error``: the mean squared difference of
-    their asinh-compressed anomaly maps (at the mask size) and scores, what distillation minimises."""
+    """How closely the finished student follows its teacher on data neither has seen: the held-out normal images and
+    one pseudo-anomaly of the run's ``kinds`` made from each (another seed than training's). Image and pixel AUROC
+    of both, the Spearman rank correlation of their scores, and ``map_error`` / ``score_error``: the mean squared
+    difference of their asinh-compressed anomaly maps (at the mask size) and scores, what distillation minimises."""
     made, masks = synthesise(val_images.permute(0, 2, 3, 1).numpy(), len(val_images), seed=seed + 1, kinds=kinds)
     images = torch.cat([val_images, torch.from_numpy(made).permute(0, 3, 1, 2)])
     labels = np.r_[np.zeros(len(val_images)), np.ones(len(made))]

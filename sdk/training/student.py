@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from amoe_sdk.calibration.pseudo_anomalies import PSEUDO_KINDS
+from amoe_sdk.calibration.pseudo_anomalies import check_kinds
 from amoe_sdk.config import (
     ComponentExpertConfig, DistillConfig, EncoderConfig, GlobalExpertConfig, ModelConfig, PatchExpertConfig,
     RouterConfig, merge_dicts, read_yaml_mapping, validate_config,
@@ -109,9 +109,10 @@ def load_distill_config(teacher: ModelConfig, usage: TeacherUsage, student_yaml=
         )
     if not 0.0 <= config.data.anomaly_share < 1.0 or config.data.pseudo_per_image < 1 and config.data.anomaly_share > 0:
         raise ConfigError(f"{source}: data.anomaly_share must lie in [0, 1) and data.pseudo_per_image be at least 1")
-    unknown_kinds = sorted(set(config.data.pseudo_kinds) - set(PSEUDO_KINDS))
-    if unknown_kinds or not config.data.pseudo_kinds:
-        raise ConfigError(f"{source}: data.pseudo_kinds must be a non-empty choice of {list(PSEUDO_KINDS)}, got {config.data.pseudo_kinds}")
+    try:
+        check_kinds(config.data.pseudo_kinds)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: data.pseudo_kinds: {exc}") from exc
     if not 0.0 < config.qat.fraction <= 1.0:
         raise ConfigError(f"{source}: qat.fraction must lie in (0, 1]")
     return config
