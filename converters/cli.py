@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from amoe_sdk.errors import AmoeError
+from amoe_sdk.process import run_command
 
 CONVERT_DESCRIPTION = """\
 Convert a trained run into a bundle for the edge: the artifact, manifest.json (input contract, normalisation,
@@ -50,14 +50,16 @@ then: amoe verify bundles/kit-onnx --data data/sample/kit
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (or model.pt) from `amoe train`")
     parser.add_argument("--target", required=True, choices=("onnx", "intel", "jetson"), help="which runtime the bundle is for")
-    parser.add_argument("--out", required=True, type=Path, help="bundle folder to write (replaced atomically if it exists)")
+    parser.add_argument("--out", required=True, type=Path, help="bundle folder to write: new, empty, or a bundle (replaced "
+                        "atomically); any other folder or file is refused and left as it is")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="default fp32; int8 is accuracy-gated (see --max-drop)")
     parser.add_argument("--routing", default="dense", choices=("dense", "folded"), help="default dense (exact)")
     parser.add_argument("--calib-data", type=Path, help="folder of normal images for folding and the threshold "
                         "(default: the run's held-out validation images)")
     parser.add_argument("--fold-min-agreement", type=float, default=0.95, help="share of images that must pick the same experts (default 0.95)")
     parser.add_argument("--force", action="store_true", help="fold to the most common expert set even below the agreement")
-    parser.add_argument("--device", help="default device recorded in the bundle (OpenVINO: CPU, GPU, NPU, AUTO)")
+    parser.add_argument("--device", help="device recorded in the bundle, used by EdgeDetector when given none (intel: CPU, GPU, "
+                        "NPU, AUTO; onnx: CPU, CUDA, TensorRT; jetson: cuda:0); absent on the device is an error, never the CPU")
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the graph (default 1)")
     parser.add_argument("--threshold-sigma", type=float, default=3.0, help="threshold = mean + this many std of normal scores (default 3)")
     parser.add_argument("--dla-core", type=int, help="jetson: build for this DLA core, with GPU fallback")
@@ -91,10 +93,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     out = convert(args.checkpoint, args.out, options)
     bundle = read_bundle(out)
-    threshold = bundle.manifest["threshold"]
-    files = ", ".join(f"{name} ({(out / name).stat().st_size / 1e6:.1f} MB)" for name in bundle.manifest["files"])
+    threshold = bundle.manifest.threshold
+    files = ", ".join(f"{name} ({(out / name).stat().st_size / 1e6:.1f} MB)" for name in bundle.manifest.files)
     print(f"wrote {out}: {files}")
-    print(f"threshold {threshold['image']:.4f} ({threshold['rule']}, {threshold['images']} images, {threshold['measured_with']})")
+    print(f"threshold {threshold.image:.4f} ({threshold.rule}, {threshold.images} images, {threshold.measured_with})")
     print(f"next: amoe verify {out} --data DATA")
     return 0
 
@@ -133,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_convert_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return cmd_convert(args)
-    except AmoeError as exc:
-        print(f"amoe-convert: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run_command("amoe-convert", lambda: cmd_convert(args))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from amoe_sdk.checkpoint import load_detector
-from amoe_sdk.converters.bundle_writer import BundleWriter
+from amoe_sdk.converters.bundle_writer import BundleWriter, check_bundle_destination
 from amoe_sdk.converters.folding import expert_names, fold_routing
 from amoe_sdk.converters.graph import INPUT_NAME, EdgeGraph, infer_in_batches
-from amoe_sdk.converters.onnx_export import OPSET, check_finite, export_onnx, save_with_metadata, to_fp16
+from amoe_sdk.converters.onnx_export import OPSET, check_finite, export_onnx, onnx_infer, save_with_metadata, to_fp16
 from amoe_sdk.converters.openvino_export import compiled_infer, save_openvino
 from amoe_sdk.converters.quantize_common import allowed_flips
 from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
@@ -32,13 +32,16 @@ from amoe_sdk.calibration.tensorrt_cache import write_tensorrt_cache
 from amoe_sdk.calibration.thresholds import normal_threshold
 from amoe_sdk.data.images import list_images
 from amoe_sdk.errors import ConfigError, ConversionError, DataError
-from amoe_sdk.runtimes.backends import create_backend
-from amoe_sdk.runtimes.bundle import SCHEMA_VERSION, Bundle
+from amoe_sdk.runtimes.bundle import sha256_of
+from amoe_sdk.runtimes.manifest import DEVICE_EXAMPLES, DEVICE_PATTERNS, SCHEMA_VERSION, TARGETS
 from amoe_sdk.training.data import load_images
+from amoe_sdk.typed import describe_range, in_range
 from amoe_sdk.version import __version__
 
-TARGETS = ("onnx", "intel", "jetson")
 MIN_CALIBRATION_IMAGES = 8
+# Every artifact's threshold is measured in FP32 arithmetic (OpenVINO pinned to f32, ONNX Runtime on the CPU); the
+# runtime pins the same precision on every device.
+MEASURED_PRECISION = "f32"
 
 
 @dataclass
@@ -82,15 +85,6 @@ def calibration_paths(payload: dict, calib_data: Path | None) -> tuple[list[Path
     return paths, source
 
 
-def artifact_scores(bundle: Bundle, backend: str, device: str | None, images_nhwc: np.ndarray, batch_size: int) -> np.ndarray:
-    """Image scores of the artifact itself on uint8 [N, S, S, 3] frames."""
-    runner = create_backend(bundle, backend, device)
-    try:
-        return infer_in_batches(runner.infer, images_nhwc, batch_size)["score"].astype(np.float64)
-    finally:
-        runner.close()
-
-
 def _tensorrt_device_present() -> bool:
     if importlib.util.find_spec("tensorrt") is None:
         return False
@@ -103,15 +97,31 @@ def _tensorrt_device_present() -> bool:
         return False
 
 
-def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) -> Path:
+def check_options(options: ConvertOptions) -> None:
     if options.target not in TARGETS:
         raise ConfigError(f"unknown --target {options.target}; choose one of {', '.join(TARGETS)}")
     if options.precision not in ("fp32", "fp16", "int8"):
         raise ConfigError(f"--precision {options.precision}: choose fp32, fp16 or int8")
     if options.routing not in ("dense", "folded"):
         raise ConfigError(f"--routing {options.routing}: choose dense or folded")
+    if options.device is not None and not DEVICE_PATTERNS[options.target].fullmatch(options.device):
+        raise ConfigError(f"--device {options.device} is not a device for --target {options.target}; choose {DEVICE_EXAMPLES[options.target]}")
+    if options.batch_size < 1:
+        raise ConfigError(f"--batch {options.batch_size}: the batch size must be at least 1")
+    for flag, value, low, high in (("--fold-min-agreement", options.fold_min_agreement, 0.0, 1.0), ("--max-drop", options.max_drop, None, 1.0),
+                                   ("--threshold-sigma", options.threshold_sigma, 0.0, None), ("--max-threshold-rise", options.max_threshold_rise, 1.0, None)):
+        if not in_range(value, low, high):
+            raise ConfigError(f"{flag} {value} is out of range: allowed {describe_range(low, high)}")
+
+
+def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) -> Path:
+    """Convert the run or checkpoint ``checkpoint`` into the bundle folder ``out``. ``out`` must be new, empty or a
+    bundle (replaced atomically); anything else is refused before any work."""
+    check_options(options)
+    check_bundle_destination(Path(out))
     started = time.time()
     model, payload = load_detector(checkpoint)
+    source_file = Path(payload["path"]).resolve()
     size = model.config.input_size
     paths, source = calibration_paths(payload, options.calib_data)
     images = load_images(paths, size, lambda x: tqdm(x, desc="read calibration", leave=False, unit="img"))
@@ -132,7 +142,8 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
         "schema_version": SCHEMA_VERSION,
         "sdk_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"checkpoint": str(payload["path"]), "step": payload["step"], "data_root": payload.get("data_root")},
+        # Absolute, so that amoe verify finds it from any working directory; the hash tells a retrained run apart.
+        "source": {"checkpoint": str(source_file), "step": payload["step"], "data_root": payload.get("data_root"), "sha256": sha256_of(source_file)},
         "target": options.target,
         "precision": options.precision,
         "device": options.device,
@@ -209,9 +220,8 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
             if quantization and "tensorrt_calibration_cache" in quantization:
                 artifacts["tensorrt_calibration_cache"] = "calibration.cache"
             # For jetson: measured with ONNX Runtime on the TensorRT-ready ONNX; amoe verify checks the engine on the device.
-            probe = Bundle(writer.tmp, {"schema_version": SCHEMA_VERSION, "target": "onnx", "precision": options.precision,
-                                        "artifacts": {"onnx": "model.onnx"}, "input": manifest["input"]})
-            threshold = _threshold(artifact_scores(probe, "onnxruntime", None, nhwc, options.batch_size), options.threshold_sigma, source, measure_as)
+            scores = infer_in_batches(onnx_infer(onnx_path), nhwc, options.batch_size)["score"].astype(np.float64)
+            threshold = _threshold(scores, options.threshold_sigma, source, measure_as)
         if quantization is not None:
             fp32_threshold = quantization["threshold_fp32"]
             quantization["threshold_shift"] = threshold["image"] - fp32_threshold
@@ -293,14 +303,7 @@ def _check_gate(report: dict, options: ConvertOptions) -> None:
 def _quantize_onnx(fp32_path: Path, out_path: Path, frames: np.ndarray, gate, options: ConvertOptions, enforce: bool = True) -> dict:
     from amoe_sdk.converters.quantize_onnx import gated_quantize
 
-    def make_infer(path: Path):
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        return lambda batch: dict(zip(names, session.run(names, {INPUT_NAME: batch})))
-
-    result = gated_quantize(fp32_path, out_path, frames, gate, options.batch_size, make_infer, options.max_drop,
+    result = gated_quantize(fp32_path, out_path, frames, gate, options.batch_size, onnx_infer, options.max_drop,
                             options.calib_method, for_tensorrt=options.target == "jetson", sigma=options.threshold_sigma,
                             max_threshold_rise=options.max_threshold_rise)
     report = _quantization_report(result.reference, result.final, result.float_nodes, result.passed, options, result.tries, gate)
@@ -341,5 +344,5 @@ def _threshold(scores: np.ndarray, sigma: float, source: str, backend: str) -> d
     return {
         "image": value, "pixel": value, "sensitivity": 0.5, "rule": f"mean + {sigma:g} std of normal scores",
         "normal_score_mean": mean, "normal_score_std": std, "normal_score_max": float(scores.max()),
-        "images": len(scores), "source": source, "measured_with": backend,
+        "images": len(scores), "source": source, "measured_with": backend, "inference_precision": MEASURED_PRECISION,
     }

@@ -83,6 +83,16 @@ def save_with_metadata(model: onnx.ModelProto, path: Path, metadata: dict[str, o
     onnx.save(model, str(path))
 
 
+def onnx_infer(path: Path):
+    """An ``infer(batch) -> {output name: array}`` over the ONNX file on ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    input_name = session.get_inputs()[0].name
+    return lambda batch: dict(zip(names, session.run(names, {input_name: batch})))
+
+
 def check_finite(path: Path, input_size: int, batch_size: int) -> None:
     """Run the ONNX file on black, white and noise frames; any NaN or inf is a conversion error.
 

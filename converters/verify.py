@@ -19,10 +19,11 @@ from amoe_sdk.checkpoint import load_detector
 from amoe_sdk.converters.folding import folded_from_report
 from amoe_sdk.data.images import list_images, read_image
 from amoe_sdk.data.layouts import read_dataset
-from amoe_sdk.errors import ParityError
+from amoe_sdk.errors import CheckpointError, ParityError
 from amoe_sdk.evaluation.metrics import auroc
+from amoe_sdk.outputs import atomic_write_text
 from amoe_sdk.runtimes.backends import create_backend
-from amoe_sdk.runtimes.bundle import REPORT_NAME, read_bundle
+from amoe_sdk.runtimes.bundle import REPORT_NAME, Bundle, read_bundle, sha256_of
 from amoe_sdk.runtimes.preprocess import resize_to_input
 
 FP32_MAP_RTOL = 1e-4
@@ -48,13 +49,13 @@ def verify(bundle_dir: str | Path, data: str | Path, reference: str | Path | Non
     """Compare, write ``parity_report.json`` into the bundle, and raise ParityError when an FP32 artifact is off."""
     bundle = read_bundle(bundle_dir)
     manifest = bundle.manifest
-    model, _ = load_detector(reference or manifest["source"]["checkpoint"])
-    folding = manifest["routing"].get("folding")
-    core = folded_from_report(model, folding) if manifest["routing"]["mode"] == "folded" else model
-    runner = create_backend(bundle, backend, device or manifest.get("device"))
     images = verification_images(Path(data))
+    model = load_reference(bundle, reference)
+    routing = manifest.routing
+    core = folded_from_report(model, routing.folding) if routing.mode == "folded" else model
+    runner = create_backend(bundle, backend, device)
     size, batch = bundle.input_size, bundle.batch_size
-    threshold = manifest["threshold"]["image"]
+    threshold = manifest.threshold.image
     ref_scores, art_scores, map_errors, correlations = [], [], [], []
     try:
         for start in tqdm(range(0, len(images.paths), batch), desc="verify", unit="batch", disable=not show_progress):
@@ -76,12 +77,12 @@ def verify(bundle_dir: str | Path, data: str | Path, reference: str | Path | Non
         runner.close()
     ref_scores, art_scores = np.array(ref_scores), np.array(art_scores)
     flips = int(((ref_scores > threshold) != (art_scores > threshold)).sum())
-    gated = manifest["precision"] == "fp32"
+    gated = manifest.precision == "fp32"
     report = {
         "bundle": str(bundle.root),
         "backend": runner.describe(),
-        "precision": manifest["precision"],
-        "routing": manifest["routing"]["mode"],
+        "precision": manifest.precision,
+        "routing": routing.mode,
         "images": len(images.paths),
         "data": str(data),
         "score_abs_diff_max": float(np.abs(ref_scores - art_scores).max()),
@@ -96,7 +97,7 @@ def verify(bundle_dir: str | Path, data: str | Path, reference: str | Path | Non
         report["image_auroc_reference"] = auroc(images.labels, ref_scores)
         report["image_auroc_artifact"] = auroc(images.labels, art_scores)
     report["passed"] = (not gated) or (report["map_rel_diff_max"] <= map_rtol and flips == 0)
-    _write_report(bundle.root / REPORT_NAME, report)
+    atomic_write_text(bundle.root / REPORT_NAME, json.dumps(report, indent=2))
     if not report["passed"]:
         raise ParityError(
             f"{bundle.root} differs from its PyTorch reference: map difference {report['map_rel_diff_max']:.2e} of the "
@@ -105,7 +106,29 @@ def verify(bundle_dir: str | Path, data: str | Path, reference: str | Path | Non
     return report
 
 
-def _write_report(path: Path, report: dict) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    temporary.write_text(json.dumps(report, indent=2))
-    temporary.replace(path)
+def load_reference(bundle: Bundle, reference: str | Path | None):
+    """The PyTorch model a bundle was converted from: ``reference`` or the checkpoint the manifest records. One
+    that is not that checkpoint is a CheckpointError (a wrong reference), never reported as a parity failure."""
+    source = bundle.manifest.source
+    if reference is None:
+        recorded = Path(source.checkpoint)
+        if not recorded.is_file():
+            raise CheckpointError(
+                f"bundle {bundle.root} was converted from {recorded}, which is not on this machine (or has moved); pass "
+                "--reference RUN with the run it was converted from"
+            )
+        reference = recorded
+    model, payload = load_detector(reference)
+    path = Path(payload["path"]).resolve()
+    if payload["config"]["model"] != bundle.manifest.model:
+        raise CheckpointError(
+            f"--reference {path} has another model config than the one bundle {bundle.root} was converted from "
+            f"({source.checkpoint}): it is the wrong reference, so parity cannot be measured; pass --reference with that run"
+        )
+    if source.sha256 is not None and sha256_of(path) != source.sha256:
+        raise CheckpointError(
+            f"--reference {path} is not the checkpoint bundle {bundle.root} was converted from (step {payload['step']} "
+            f"against {source.step}; its SHA-256 differs): it was retrained or replaced since. Convert again from it, "
+            "or pass --reference with the original"
+        )
+    return model

@@ -30,10 +30,9 @@ def bundle_accuracy(bundle_dir: Path, samples, threads: int) -> dict:
     scores = np.array([o["score"][0] for o in outputs], np.float64)
     maps = np.stack([o["anomaly_map"][0, 0] for o in outputs])
     return {
-        "scores": scores, "verdicts": scores > bundle.manifest["threshold"]["image"],
+        "scores": scores, "verdicts": scores > bundle.manifest.threshold.image,
         "image": auroc(labels, scores), "pixel": auroc(masks, maps), "aupro": aupro(masks, maps),
-        "mb": sum((Path(bundle_dir) / name).stat().st_size for name in bundle.manifest["files"]) / 1e6,
-        "manifest": bundle.manifest,
+        "mb": bundle.size_mb(), "manifest": bundle.manifest,
     }
 
 

@@ -49,7 +49,7 @@ def main() -> None:
                 if not (args.reuse and (out / "manifest.json").is_file()):
                     convert(run, out, ConvertOptions(target=target, precision=precision))
                 measured = bundle_accuracy(out, samples, args.threads)
-                gate = measured["manifest"].get("quantization") or {}
+                gate = measured["manifest"].quantization or {}
                 rows.append({
                     "role": role, "backend": backend, "precision": precision, "out": out, **measured,
                     "gate": "" if not gate else ("passed" if gate["passed"] else "FAILED") + f", {len(gate['float_layers'])} float layers",

@@ -74,20 +74,20 @@ def main() -> None:
             except ConversionError:
                 convert(args.run, out, ConvertOptions(target=target, routing=routing, force=True))
                 forced = " (forced)"
-            manifest = read_bundle(out).manifest
-            folding = manifest["routing"]["folding"]
+            bundle = read_bundle(out)
+            folding = bundle.manifest.routing.folding
             mode = routing if folding is None else f"folded{forced}, {folding['agreement']:.0%} agree, {folding['gflops_after']:.2f} of {folding['gflops_before']:.2f} GFLOPs"
-            megabytes = sum((out / name).stat().st_size for name in manifest["files"]) / 1e6
+            megabytes = bundle.size_mb()
             report = verify(out, args.data, show_progress=False)
             parity = f"{'pass' if report['passed'] else 'FAIL'}, map diff {report['map_rel_diff_max']:.0e}, {report['label_flips']} flips"
             detector = EdgeDetector(out, threads=args.threads)
             p50, p99 = percentiles(time_calls(detector.predict, frames, args.runs))
             scores = np.array([detector.predict(f).score for f in frames])
-            rows.append((backend, mode, manifest["precision"], parity, f"{megabytes:.1f} MB", p50, p99, auroc(labels, scores)))
+            rows.append((backend, mode, bundle.manifest.precision, parity, f"{megabytes:.1f} MB", p50, p99, auroc(labels, scores)))
             detector.close()
     out = args.out / f"{args.run.name}-jetson"
     convert(args.run, out, ConvertOptions(target="jetson"))  # raises when the TensorRT host checks fail
-    megabytes = sum((out / name).stat().st_size for name in read_bundle(out).manifest["files"]) / 1e6
+    megabytes = read_bundle(out).size_mb()
     rows.append(("TensorRT 10", "dense", "fp32", "host checks pass; engine not built (no GPU)", f"{megabytes:.1f} MB", float("nan"), float("nan"), float("nan")))
 
     print(f"\n{args.run.name}: batch 1, {args.threads} threads, {args.runs} timed calls, {len(frames)} test images\n")

@@ -54,7 +54,7 @@ def main() -> None:
         if precision == "fp32":
             fp32[backend] = (scores, verdicts)
         reference_scores, reference_verdicts = fp32.get(backend, (scores, verdicts))
-        gate = measured["manifest"].get("quantization") or {}
+        gate = measured["manifest"].quantization or {}
         rows.append({
             "backend": backend, "precision": precision, "image": measured["image"], "pixel": measured["pixel"],
             "aupro": measured["aupro"], "rank": spearman(scores, reference_scores),

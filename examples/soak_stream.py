@@ -22,13 +22,14 @@ from amoe_sdk.runtimes.sources import FrameSource
 
 
 class LoopingImages(FrameSource):
-    """A live source that repeats a folder's images at a fixed frame rate, like a camera."""
+    """A live source that repeats a folder's images at a fixed frame rate, like a camera (``fps`` 0: as fast as
+    they are taken). Frame ``i`` is ``frames[i % len(frames)]``."""
 
     live = True
 
     def __init__(self, folder: Path, fps: float):
         self.frames = [cv2.imread(str(p)) for p in sorted(folder.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".bmp")]
-        self.period = 1.0 / fps
+        self.period = 1.0 / fps if fps > 0 else 0.0
         self.cycle = itertools.cycle(self.frames)
         self.next_at = 0.0
 

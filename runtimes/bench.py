@@ -72,11 +72,10 @@ def bench_bundle(
                 timings[key].append(value)
         fps = runs / (time.perf_counter() - started)
         fps_pipelined = _pipelined_fps(detector, frames, runs, depth)
-        manifest = detector.bundle.manifest
-        size = sum((detector.bundle.root / name).stat().st_size for name in manifest["files"]) / 1e6
         p = {k: np.percentile(v, [50, 99]) for k, v in timings.items()}
         return BenchRow(
-            artifact=str(bundle), backend=detector.backend.name, precision=manifest.get("precision", "fp32"), size_mb=size,
+            artifact=str(bundle), backend=detector.backend.name, precision=detector.bundle.manifest.precision,
+            size_mb=detector.bundle.size_mb(),
             pre_p50_ms=p["pre"][0], pre_p99_ms=p["pre"][1], infer_p50_ms=p["infer"][0], infer_p99_ms=p["infer"][1],
             post_p50_ms=p["post"][0], post_p99_ms=p["post"][1], fps=fps, fps_pipelined=fps_pipelined, pipeline_depth=depth,
             image_auroc=auroc(labels, scores) if labels is not None and 0 < labels.sum() < len(labels) else None,

@@ -1,7 +1,9 @@
 """Bundles: a directory with the artifacts, ``manifest.json`` and the parity report.
 
-Reading a bundle checks what would otherwise fail late or silently on the line: the schema version, that every
-file the manifest lists is there and has its recorded SHA-256, and that the artifact the backend needs exists.
+Reading a bundle checks what would otherwise fail late or silently on the line, before any artifact is opened:
+the schema version; the manifest's own digest (an edit after conversion is refused); every value against the
+typed schema (``BundleManifest``); that every file the manifest names lies inside the bundle folder (no absolute
+path, no ``..``, no link out of it), is listed in ``files`` and has its recorded SHA-256.
 Torch-free: the runtime reads bundles on machines that have only numpy, OpenCV and one backend.
 """
 
@@ -11,20 +13,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from amoe_sdk.errors import BundleError
+from amoe_sdk.runtimes.manifest import SCHEMA_VERSION, BundleManifest, manifest_digest
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "parity_report.json"
-SCHEMA_VERSION = 1
-
-# Which manifest artifact key each backend runs; an engine may be absent (built on the device at first load).
-ARTIFACT_KEYS = {
-    "onnxruntime": ("onnx",),
-    "openvino": ("openvino_xml", "openvino_bin"),
-    "tensorrt": ("tensorrt_onnx",),
-}
+# Written into a bundle folder after conversion, by amoe verify and by the TensorRT backend's engine cache.
+AFTER_CONVERSION = (REPORT_NAME, "engine_cache")
 
 
 def sha256_of(path: Path) -> str:
@@ -40,32 +36,55 @@ class Bundle:
     """A checked bundle: its directory and its manifest."""
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: BundleManifest
 
     @property
     def input_size(self) -> int:
-        return int(self.manifest["input"]["size"])
+        return self.manifest.input.size
 
     @property
     def batch_size(self) -> int:
-        return int(self.manifest["input"]["batch"])
+        return self.manifest.input.batch
 
     @property
     def target(self) -> str:
-        return self.manifest["target"]
+        return self.manifest.target
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def has_artifact(self, key: str) -> bool:
+        return key in self.manifest.artifacts
 
     def artifact(self, key: str) -> Path:
-        name = self.manifest["artifacts"].get(key)
+        name = self.manifest.artifacts.get(key)
         if name is None:
             raise BundleError(
                 f"bundle {self.root} has no '{key}' artifact (it was converted for --target {self.target}); "
                 f"convert again with the target that backend needs, or pick another backend"
             )
-        return self.root / name
+        return member_path(self.root, name, f"artifacts.{key}")
+
+    def size_mb(self) -> float:
+        return sum(member_path(self.root, name, "files").stat().st_size for name in self.manifest.files) / 1e6
 
 
-def read_bundle(root: str | Path, verify_checksums: bool = True) -> Bundle:
-    """Read and check ``root/manifest.json`` and, unless told otherwise, every file's SHA-256."""
+def member_path(root: Path, name: str, key: str) -> Path:
+    """``root / name``, refused unless it resolves inside ``root`` (a symbolic link out of the bundle included)."""
+    path = root / name
+    inside = root.resolve()
+    resolved = path.resolve()
+    if resolved != inside and inside not in resolved.parents:
+        raise BundleError(
+            f"{root / MANIFEST_NAME}: {key} names {name!r}, which lies outside the bundle folder ({resolved}); a bundle "
+            "uses only its own files: convert again"
+        )
+    return path
+
+
+def read_bundle(root: str | Path) -> Bundle:
+    """Read and check ``root/manifest.json`` (schema, digest, values) and every file's presence and SHA-256."""
     root = Path(root)
     manifest_path = root / MANIFEST_NAME
     if not root.is_dir():
@@ -73,25 +92,40 @@ def read_bundle(root: str | Path, verify_checksums: bool = True) -> Bundle:
     if not manifest_path.is_file():
         raise BundleError(f"{root} has no {MANIFEST_NAME}: it is not a bundle, or its conversion did not finish; convert again")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        data = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON ({exc}); the bundle is damaged, convert again") from exc
-    schema = manifest.get("schema_version")
-    if not isinstance(schema, int):
-        raise BundleError(f"{manifest_path} has no schema_version; it is not an amoe-sdk bundle")
+    if not isinstance(data, dict):
+        raise BundleError(f"{manifest_path} holds a JSON {type(data).__name__}, not an object; it is not an amoe-sdk bundle")
+    schema = data.get("schema_version")
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        raise BundleError(f"{manifest_path}: schema_version is missing or not an integer; it is not an amoe-sdk bundle")
     if schema > SCHEMA_VERSION:
         raise BundleError(
             f"bundle {root} has schema {schema}, newer than this SDK reads ({SCHEMA_VERSION}; it was written by "
-            f"amoe-sdk {manifest.get('sdk_version', '?')}); upgrade amoe-sdk on this machine"
+            f"amoe-sdk {data.get('sdk_version', '?')}); upgrade amoe-sdk on this machine"
         )
-    for key in ("target", "input", "artifacts", "files", "threshold", "outputs"):
-        if key not in manifest:
-            raise BundleError(f"{manifest_path} lacks '{key}'; the bundle is damaged, convert again")
-    for name, expected in manifest["files"].items():
-        path = root / name
+    if schema < SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle {root} has schema {schema} (amoe-sdk {data.get('sdk_version', '?')}), which carries no digest of its "
+            f"own manifest, so its threshold and file list cannot be trusted; convert it again with this amoe-sdk"
+        )
+    try:
+        expected_digest = manifest_digest(data)
+    except ValueError as exc:  # NaN or infinity somewhere: no writer of ours puts them there
+        raise BundleError(f"{manifest_path} holds a non-finite number ({exc}); the bundle is damaged, convert again") from exc
+    if data.get("manifest_sha256") != expected_digest:
+        raise BundleError(
+            f"{manifest_path} was changed after conversion (its content no longer matches manifest_sha256). To change "
+            "the threshold, pass EdgeDetector(..., threshold=...) or sensitivity= instead of editing the manifest; "
+            "otherwise copy the bundle again or convert again"
+        )
+    manifest = BundleManifest.parse(data, str(manifest_path))
+    for name, expected in manifest.files.items():
+        path = member_path(root, name, "files")
         if not path.is_file():
             raise BundleError(f"bundle {root} is missing {name}, which its manifest lists; copy the whole folder or convert again")
-        if verify_checksums and sha256_of(path) != expected:
+        if sha256_of(path) != expected:
             raise BundleError(
                 f"{path} does not match the SHA-256 in {MANIFEST_NAME}: the file is truncated or was changed after "
                 "conversion; copy the bundle again or convert again"

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from amoe_sdk.errors import InputError
+from amoe_sdk.errors import ConfigError, InputError
 from amoe_sdk.runtimes.backends import create_backend
 from amoe_sdk.runtimes.bundle import read_bundle
 from amoe_sdk.runtimes.preprocess import check_frame, heat_map_overlay, map_to_frame, resize_to_input
+from amoe_sdk.typed import in_range
 
 
 @dataclass
@@ -48,9 +49,17 @@ class DetectionResult:
 
 def effective_threshold(base: float, sensitivity: float) -> float:
     """``sensitivity`` in [0, 1] scales the calibrated threshold: 0.5 keeps it, 1 halves it, 0 doubles it."""
-    if not 0.0 <= sensitivity <= 1.0:
-        raise ValueError(f"sensitivity must lie in [0, 1], got {sensitivity}")
+    if not in_range(sensitivity, 0.0, 1.0):
+        raise ConfigError(f"sensitivity must be a number in [0, 1] (0.5 keeps the calibrated threshold), got {sensitivity!r}")
     return base * 2.0 ** (1.0 - 2.0 * sensitivity)
+
+
+def check_threshold(threshold: float) -> float:
+    """An absolute image-score threshold must be a positive finite number: scores are normalised so that 0 is a
+    typical normal image, and the normalised score divides by the threshold."""
+    if not in_range(threshold, 0.0, None, low_open=True):
+        raise ConfigError(f"threshold must be a positive finite number, got {threshold!r}; or pass sensitivity= in [0, 1]")
+    return float(threshold)
 
 
 class EdgeDetector:
@@ -58,10 +67,16 @@ class EdgeDetector:
 
     backend: ``auto`` (the bundle's target decides: TensorRT for jetson, OpenVINO for intel, ONNX Runtime for
     onnx), ``openvino``, ``onnxruntime`` or ``tensorrt``. device: the backend's device name (OpenVINO CPU / GPU /
-    NPU / AUTO, ONNX Runtime CPU / CUDA / TensorRT, TensorRT cuda:N); a device that is not present is an error,
-    never a quiet switch to the CPU. threshold: an absolute image-score threshold instead of the calibrated one;
-    sensitivity: scale the calibrated one (see ``effective_threshold``). Other keyword arguments go to the backend
-    (``threads``, ``cache_dir``, ``dla_core``, ``hint``).
+    NPU / AUTO, ONNX Runtime CPU / CUDA / TensorRT, TensorRT cuda:N); None takes the device the bundle was
+    converted for (``amoe convert --device``), else the backend's default. A device that is not present is an
+    error, never a quiet switch to the CPU. threshold: an absolute image-score threshold instead of the calibrated
+    one; sensitivity: scale the calibrated one (see ``effective_threshold``). Other keyword arguments go to the
+    backend (``threads``, ``cache_dir``, ``dla_core``, ``hint``, ``inference_precision``); one it does not take is
+    an error.
+
+    Thread safety: one detector may be called from several threads at once (``predict``, ``predict_batch``,
+    several ``stream`` s); each backend keeps what one call needs apart from the others (see
+    ``amoe_sdk.runtimes.backends.base``).
     """
 
     def __init__(
@@ -73,15 +88,16 @@ class EdgeDetector:
         sensitivity: float | None = None,
         **backend_options,
     ):
-        self.bundle = read_bundle(bundle)
-        self.backend = create_backend(self.bundle, backend, device, **backend_options)
-        calibrated = self.bundle.manifest["threshold"]
-        chosen_sensitivity = calibrated.get("sensitivity", 0.5) if sensitivity is None else sensitivity
         if threshold is not None and sensitivity is not None:
-            raise ValueError("pass threshold or sensitivity, not both")
-        self.threshold = float(threshold) if threshold is not None else effective_threshold(calibrated["image"], chosen_sensitivity)
-        scale = self.threshold / calibrated["image"]
-        self.pixel_threshold = float(calibrated["pixel"]) * scale
+            raise ConfigError("pass threshold or sensitivity, not both")
+        if threshold is not None:
+            check_threshold(threshold)
+        self.bundle = read_bundle(bundle)
+        calibrated = self.bundle.manifest.threshold
+        chosen_sensitivity = calibrated.sensitivity if sensitivity is None else sensitivity
+        self.threshold = float(threshold) if threshold is not None else effective_threshold(calibrated.image, chosen_sensitivity)
+        self.pixel_threshold = calibrated.pixel * self.threshold / calibrated.image
+        self.backend = create_backend(self.bundle, backend, device, **backend_options)
         self.input_size = self.bundle.input_size
         self.batch_size = self.bundle.batch_size
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from amoe_sdk.errors import InputError
+from amoe_sdk.errors import ConfigError, InputError
 from amoe_sdk.runtimes.sources import BadFrame, FrameSource, open_source
 
 if TYPE_CHECKING:
@@ -97,9 +97,9 @@ class Stream:
         **source_options,
     ):
         if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if depth < 1:
-            raise ValueError(f"depth must be at least 1, got {depth}")
+            raise ConfigError(f"depth must be at least 1, got {depth}")
         self.detector, self.policy, self.depth = detector, policy, depth
         self.source = open_source(source, **source_options) if not isinstance(source, FrameSource) else source
         self.max_frames, self.reconnect = max_frames, reconnect

@@ -2,6 +2,8 @@
 
 Written to a temporary file and renamed, so an interrupted save never leaves a truncated checkpoint behind.
 The frozen encoder's weights travel inside, so loading needs neither the weights package nor a weights file.
+A checkpoint holds only tensors and plain containers (dicts, lists, strings, numbers), and is read with
+``torch.load(weights_only=True)``: a file crafted to run code while it is loaded is refused, not executed.
 """
 
 from __future__ import annotations
@@ -49,9 +51,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check a checkpoint payload (format, SDK version, required keys)."""
     path = resolve_checkpoint(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); it may be truncated, retrain or restore it") from exc
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain containers, which amoe-sdk does "
+                "not load (loading them can run any code the file's author chose). A checkpoint written by amoe-sdk "
+                "holds none: this file was made elsewhere or tampered with. If you made it yourself and trust it, load "
+                "it once in your own Python, turn those objects into tensors, dicts, lists, strings and numbers, and "
+                "save it again with torch.save"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it may be truncated, retrain or restore it") from exc
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"{path} is not an amoe-sdk checkpoint")
     if payload["format"] > CHECKPOINT_FORMAT:

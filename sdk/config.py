@@ -7,7 +7,6 @@ config and a run can be reproduced from it. Unknown keys are errors, not silentl
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import yaml
 
 from amoe_sdk.errors import ConfigError
+from amoe_sdk.outputs import atomic_write_text
+from amoe_sdk.typed import describe_range, from_plain, in_range, to_plain
 
 
 @dataclass
@@ -170,14 +171,14 @@ class AmoeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> "AmoeConfig":
-        return _from_plain(cls, data or {}, source)
+        return from_plain(cls, data or {}, source, ConfigError)
 
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 @dataclass
@@ -239,14 +240,14 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2400, lr=3e-3))
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "config") -> "DistillConfig":
-        return _from_plain(cls, data or {}, source)
+        return from_plain(cls, data or {}, source, ConfigError)
 
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def as_training_config(self) -> AmoeConfig:
         """The student as an ordinary training config: what its checkpoint carries, so every tool reads it."""
@@ -278,8 +279,9 @@ def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AmoeConfig:
-    """Read a YAML config (missing keys take their defaults) and apply ``overrides`` like ``{"train.steps": 10}``."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None) -> AmoeConfig:
+    """Read a YAML config (missing keys take their defaults) and apply ``overrides`` like ``{"train.steps": 10}``.
+    ``flags`` names the command-line option behind an override (``{"train.steps": "--steps"}``), for messages."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -292,95 +294,124 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             node = node.setdefault(key, {})
         node[leaf] = value
     config = AmoeConfig.from_dict(data, source)
-    validate_config(config)
+    validate_config(config, source, {k: v for k, v in (flags or {}).items() if k in (overrides or {})})
     return config
 
 
-def validate_config(config: AmoeConfig) -> None:
-    """Reject values that would only fail later, deep inside training."""
+# Allowed ranges of every numeric field, by dotted key: (low, high, low excluded). A list field's range applies to
+# each element. tests/test_config.py checks that every numeric field of every config has an entry here.
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "model.input_size": (32, None, False),
+    "model.encoder.taps": (0, None, False),
+    "model.encoder.grid_size": (1, None, False),
+    "model.patch.num_experts": (0, None, False),
+    "model.patch.embed_dim": (1, None, False),
+    "model.patch.bottleneck_hidden": (1, None, False),
+    "model.patch.dropout": (0, 0.95, False),
+    "model.patch.depth": (1, None, False),
+    "model.patch.num_heads": (1, None, False),
+    "model.patch.mlp_ratio": (0, None, True),
+    "model.component.num_experts": (0, None, False),
+    "model.component.num_slots": (1, None, False),
+    "model.component.hidden_dim": (1, None, False),
+    "model.component.code_dim": (1, None, False),
+    "model.component.area_weight": (0, None, False),
+    "model.component.kmeans_iters": (1, None, False),
+    "model.global.num_experts": (0, None, False),
+    "model.global.image_size": (16, None, False),
+    "model.global.code_dim": (1, None, False),
+    "model.global.width": (1, None, False),
+    "model.router.top_k": (1, None, False),
+    "model.router.hidden_dim": (1, None, False),
+    "model.postprocess.level_weights": (0, None, False),
+    "model.postprocess.norm_low_quantile": (0, 1, False),
+    "model.postprocess.norm_high_quantile": (0, 1, False),
+    "model.postprocess.blur_kernel": (1, None, False),
+    "model.postprocess.blur_sigma": (0, None, True),
+    "model.postprocess.top_percent": (0, 100, True),
+    "loss.eir_weight": (0, None, False),
+    "loss.esb_weight": (0, None, False),
+    "loss.router_weight": (0, None, False),
+    "loss.global_scale": (0, None, False),
+    "loss.component_scale": (0, None, False),
+    "loss.hard_mining_easy_fraction": (0, 1, False),
+    "loss.hard_mining_easy_scale": (0, 1, False),
+    "loss.capacity_weight": (0, None, False),
+    "loss.z_weight": (0, None, False),
+    "loss.map_weight": (0, None, False),
+    "loss.score_weight": (0, None, False),
+    "loss.reconstruction_weight": (0, None, False),
+    "train.steps": (1, None, False),
+    "train.batch_size": (1, None, False),
+    "train.lr": (0, 1, True),
+    "train.weight_decay": (0, None, False),
+    "train.warmup_steps": (0, None, False),
+    "train.grad_clip": (0, None, True),
+    "train.val_fraction": (0, 0.9, True),
+    "train.min_val_images": (1, None, False),
+    "train.checkpoint_every": (1, None, False),
+    "train.estimator_lr": (0, 1, True),
+    "train.seed": (0, 2**63 - 1, False),
+    "data.pseudo_per_image": (0, None, False),
+    "data.anomaly_share": (0, 0.95, False),
+    "data.min_expert_weight": (0, 1, False),
+    "data.seed": (0, 2**63 - 1, False),
+    "qat.fraction": (0, 1, True),
+}
+
+
+def check_ranges(config: Any, source: str, flags: dict[str, str] | None = None) -> None:
+    """Every numeric field of ``config`` (an ``AmoeConfig`` or ``DistillConfig``) within ``RANGES``; ConfigError
+    naming the file (or the command-line option that set it), the key, the value and the allowed range."""
+    for key, value in numeric_fields(config):
+        low, high, low_open = RANGES[key]
+        values = value if isinstance(value, list) else [value]
+        if not all(in_range(v, low, high, low_open) for v in values):
+            where = f"{flags[key]} on the command line" if flags and key in flags else source
+            raise ConfigError(f"{where}: {key}={value!r} is out of range: allowed {describe_range(low, high, low_open)}"
+                              + (" for each element" if isinstance(value, list) else ""))
+
+
+def numeric_fields(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every int, float or list-of-numbers field of a config dataclass, nested ones included."""
+    found = []
+    for f in dataclasses.fields(config):
+        key = f"{prefix}{f.name.rstrip('_')}"
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            found += numeric_fields(value, key + ".")
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+            isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            found.append((key, value))
+    return found
+
+
+def validate_config(config: AmoeConfig, source: str = "config", flags: dict[str, str] | None = None) -> None:
+    """Reject values that would only fail later, deep inside training: every numeric range (``RANGES``), then the
+    relations between fields. Messages name ``source`` (the file) and the key."""
+    check_ranges(config, source, flags)
     model = config.model
     total = model.patch.num_experts + model.component.num_experts + model.global_.num_experts
     if total < 1:
-        raise ConfigError("the model needs at least one expert; raise num_experts of a level")
+        raise ConfigError(f"{source}: the model needs at least one expert; raise model.<level>.num_experts of a level")
     if not model.router.static and not 1 <= model.router.top_k <= total:
-        raise ConfigError(f"router.top_k={model.router.top_k} must lie between 1 and the number of experts ({total})")
+        raise ConfigError(f"{source}: model.router.top_k={model.router.top_k} must lie between 1 and the number of experts ({total})")
     if model.input_size % 32 != 0:
-        raise ConfigError(f"input_size={model.input_size} must be a multiple of 32")
+        raise ConfigError(f"{source}: model.input_size={model.input_size} must be a multiple of 32")
+    if model.global_.image_size % 16 != 0:
+        raise ConfigError(f"{source}: model.global.image_size={model.global_.image_size} must be a multiple of 16")
     if model.patch.embed_dim % model.patch.num_heads != 0:
-        raise ConfigError("patch.embed_dim must be divisible by patch.num_heads")
-    if not 0.0 < config.train.val_fraction < 1.0:
-        raise ConfigError("train.val_fraction must lie strictly between 0 and 1")
-    if config.train.steps < 1 or config.train.batch_size < 1:
-        raise ConfigError("train.steps and train.batch_size must be positive")
-    if not 0.0 <= model.postprocess.norm_low_quantile < model.postprocess.norm_high_quantile <= 1.0:
-        raise ConfigError("postprocess quantiles must satisfy 0 <= norm_low_quantile < norm_high_quantile <= 1")
+        raise ConfigError(f"{source}: model.patch.embed_dim must be divisible by model.patch.num_heads")
+    if model.postprocess.blur_kernel % 2 == 0:
+        raise ConfigError(f"{source}: model.postprocess.blur_kernel={model.postprocess.blur_kernel} must be odd")
+    if not model.postprocess.norm_low_quantile < model.postprocess.norm_high_quantile:
+        raise ConfigError(f"{source}: model.postprocess.norm_low_quantile must be below norm_high_quantile")
     if model.global_.activation not in ("relu", "leaky_relu"):
-        raise ConfigError(f"global.activation={model.global_.activation!r} must be 'relu' or 'leaky_relu'")
+        raise ConfigError(f"{source}: model.global.activation={model.global_.activation!r} must be 'relu' or 'leaky_relu'")
     level_weights = model.postprocess.level_weights
-    if len(level_weights) != 3 or min(level_weights) < 0 or sum(level_weights) <= 0:
+    if len(level_weights) != 3 or sum(level_weights) <= 0:
         raise ConfigError(
-            f"postprocess.level_weights={level_weights} must be three non-negative numbers (patch, component, global) "
-            "with a positive sum"
+            f"{source}: model.postprocess.level_weights={level_weights} must be three non-negative numbers (patch, "
+            "component, global) with a positive sum"
         )
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {_yaml_key(f.name): _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _yaml_key(name: str) -> str:
-    # ``global`` is a Python keyword, so the field is ``global_``; YAML files say ``global``.
-    return name.rstrip("_")
-
-
-def _from_plain(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {_yaml_key(f.name): f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown} in {cls.__name__}; known keys: {sorted(fields)}")
-    kwargs = {}
-    for key, value in data.items():
-        f = fields[key]
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _from_plain(hint, value, f"{where}.{key}")
-        else:
-            kwargs[f.name] = _coerce(value, hint, f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if value is None and type(None) in args:
-        return None
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], where) for v in value]
-    if args and type(None) in args:  # Optional[X]
-        hint = next(a for a in args if a is not type(None))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value

@@ -12,6 +12,12 @@ class AmoeError(Exception):
     exit_code = 1
 
 
+class UsageError(AmoeError):
+    """Options that do not fit together, or an output path that cannot be written without harming what is there."""
+
+    exit_code = 2
+
+
 class DataError(AmoeError):
     """An image, mask or dataset folder that cannot be used as it is."""
 

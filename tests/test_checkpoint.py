@@ -31,7 +31,7 @@ def test_truncated_checkpoint_is_a_clear_error(tiny_run, tmp_path):
 
 
 def test_newer_format_is_refused(tiny_run, tmp_path):
-    payload = torch.load(tiny_run / FINAL_NAME, weights_only=False)
+    payload = torch.load(tiny_run / FINAL_NAME, weights_only=True)
     payload["format"] = 999
     torch.save(payload, tmp_path / FINAL_NAME)
     with pytest.raises(CheckpointError, match="upgrade amoe-sdk"):

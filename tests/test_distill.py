@@ -205,7 +205,7 @@ def test_qat_distillation_writes_a_float_checkpoint(line_run, sample_root, tmp_p
 def test_teacher_from_another_sdk_version_is_refused(line_run, sample_root, tmp_path):
     teacher = tmp_path / "old-teacher"
     shutil.copytree(line_run, teacher)
-    payload = torch.load(teacher / "model.pt", weights_only=False)
+    payload = torch.load(teacher / "model.pt", weights_only=True)
     payload["sdk_version"] = "0.9.0"
     torch.save(payload, teacher / "model.pt")
     with pytest.raises(CheckpointError, match=r"amoe-sdk 0\.9\.0.*Retrain the teacher"):
@@ -214,7 +214,7 @@ def test_teacher_from_another_sdk_version_is_refused(line_run, sample_root, tmp_
 
 
 def test_unfinished_teacher_is_refused(tiny_run, sample_root, tmp_path):
-    payload = torch.load(tiny_run / "model.pt", weights_only=False)
+    payload = torch.load(tiny_run / "model.pt", weights_only=True)
     payload.pop("calibration")  # what a run interrupted before its end holds
     torch.save(payload, tmp_path / "unfinished.pt")
     with pytest.raises(CheckpointError, match="unfinished"):

@@ -81,3 +81,10 @@ def test_amoe_bench_prints_the_table_and_exits_12_below_the_floor(onnx_bundle, i
     assert all(r["fps"] > 0 and r["fps_pipelined"] > 0 and 0 <= r["image_auroc"] <= 1 for r in rows)
     below = _run("-m", "amoe_sdk.cli.main", "bench", str(onnx_bundle), "--data", str(sample_root / "washer"), "--runs", "5", "--floor", "1.01")
     assert below.returncode == 12 and "below the floor" in below.stderr
+
+
+def test_load_test_drives_four_streams_on_one_bundle_with_no_wrong_result(intel_bundle, sample_root):
+    result = _run(str(EXAMPLES / "load_test.py"), str(intel_bundle), str(sample_root / "washer" / "test" / "good"),
+                  "--streams", "4", "--minutes", "0.1", "--threads", "1")
+    assert result.returncode == 0
+    assert "errors 0, wrong results 0" in result.stdout and "FPS in all" in result.stdout and "RSS after warm-up" in result.stdout

@@ -76,7 +76,7 @@ def test_bad_frames_are_clear_errors(onnx_bundle, frame, words):
 
 
 def test_threshold_and_sensitivity(onnx_bundle):
-    calibrated = read_bundle(onnx_bundle).manifest["threshold"]["image"]
+    calibrated = read_bundle(onnx_bundle).manifest.threshold.image
     assert EdgeDetector(onnx_bundle).threshold == pytest.approx(calibrated)
     assert EdgeDetector(onnx_bundle, sensitivity=1.0).threshold == pytest.approx(calibrated / 2)
     assert EdgeDetector(onnx_bundle, threshold=0.25).threshold == 0.25

@@ -7,6 +7,7 @@ returns the graph's outputs by name. Each imports its runtime only when it is ch
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 from amoe_sdk.errors import BackendError
 from amoe_sdk.runtimes.backends.base import Backend
@@ -16,6 +17,9 @@ BACKENDS = ("openvino", "onnxruntime", "tensorrt")
 _MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 # A Jetson bundle prefers TensorRT; an Intel bundle OpenVINO; an ONNX bundle ONNX Runtime.
 _PREFERENCE = {"jetson": ("tensorrt",), "intel": ("openvino",), "onnx": ("onnxruntime", "openvino")}
+# The backend whose device names a bundle's recorded ``device`` is written in (``amoe convert --device``).
+_DEVICE_BACKEND = {"jetson": "tensorrt", "intel": "openvino", "onnx": "onnxruntime"}
+_DEFAULT_DEVICE = {"onnxruntime": "CPU", "openvino": "CPU", "tensorrt": "cuda:0"}
 
 
 def installed(backend: str) -> bool:
@@ -31,26 +35,64 @@ def resolve_backend(bundle: Bundle, backend: str) -> str:
     for candidate in _PREFERENCE[bundle.target]:
         if installed(candidate):
             return candidate
+    if bundle.target == "jetson":
+        raise BackendError(
+            f"bundle {bundle.root} is for TensorRT, which is not installed here: run it on the Jetson or NVIDIA GPU "
+            "host with TensorRT from JetPack (and pip install cuda-python), or run its TensorRT-ready ONNX with ONNX "
+            "Runtime: EdgeDetector(bundle, backend='onnxruntime') or --backend onnxruntime (pip install 'amoe-sdk[onnx]')"
+        )
     wanted = " or ".join(_PREFERENCE[bundle.target])
     raise BackendError(
         f"bundle {bundle.root} (target {bundle.target}) needs {wanted}, and none is installed; "
         f"pip install 'amoe-sdk[{'intel' if bundle.target == 'intel' else 'onnx'}]'"
-        + (" or install TensorRT from JetPack" if bundle.target == "jetson" else "")
     )
 
 
-def create_backend(bundle: Bundle, backend: str, device: str | None, **options) -> Backend:
-    name = resolve_backend(bundle, backend)
-    if not installed(name):
-        raise BackendError(f"backend '{name}' is not installed on this machine; pip install the package '{_MODULES[name]}'")
+def _backend_class(name: str) -> type[Backend]:
     if name == "onnxruntime":
         from amoe_sdk.runtimes.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(bundle, device or "CPU", **options)
+        return OnnxRuntimeBackend
     if name == "openvino":
         from amoe_sdk.runtimes.backends.openvino_backend import OpenVINOBackend
 
-        return OpenVINOBackend(bundle, device or "CPU", **options)
+        return OpenVINOBackend
     from amoe_sdk.runtimes.backends.tensorrt_backend import TensorRTBackend
 
-    return TensorRTBackend(bundle, device or "cuda:0", **options)
+    return TensorRTBackend
+
+
+def backend_options(name: str) -> list[str]:
+    """The keyword options a backend takes beyond the bundle and the device."""
+    parameters = inspect.signature(_backend_class(name).__init__).parameters
+    return [p for p in parameters if p not in ("self", "bundle", "device")]
+
+
+def create_backend(bundle: Bundle, backend: str, device: str | None, **options) -> Backend:
+    """The backend for ``bundle``. ``device`` None means the device the bundle was converted for (``amoe convert
+    --device``), else the backend's default; a recorded device that is absent is an error saying how to override."""
+    name = resolve_backend(bundle, backend)
+    if not installed(name):
+        hint = ("TensorRT comes with JetPack on a Jetson, or from NVIDIA's index on a GPU host" if name == "tensorrt"
+                else f"pip install '{_MODULES[name]}'")
+        raise BackendError(f"backend '{name}' is not installed on this machine; {hint}")
+    cls = _backend_class(name)
+    accepted = backend_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise BackendError(f"the {name} backend takes no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}")
+    recorded = bundle.manifest.device
+    if device is None and recorded is not None:
+        if name != _DEVICE_BACKEND[bundle.target]:
+            raise BackendError(
+                f"bundle {bundle.root} was converted for {_DEVICE_BACKEND[bundle.target]} device '{recorded}', which "
+                f"does not name a {name} device; pass device= (or --device) for {name}"
+            )
+        try:
+            return cls(bundle, recorded, **options)
+        except BackendError as exc:
+            raise BackendError(
+                f"{exc} (the device '{recorded}' is the one bundle {bundle.root} was converted for, amoe convert "
+                f"--device {recorded}; to run elsewhere pass device= to EdgeDetector, or --device on the command line)"
+            ) from exc
+    return cls(bundle, device or _DEFAULT_DEVICE[name], **options)

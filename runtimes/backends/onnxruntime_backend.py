@@ -1,4 +1,7 @@
-"""ONNX Runtime: CPU, CUDA or TensorRT execution providers, never a silent fall back to the CPU."""
+"""ONNX Runtime: CPU, CUDA or TensorRT execution providers, never a silent fall back to the CPU.
+
+One ``InferenceSession`` serves every thread: ONNX Runtime documents ``run`` as safe to call concurrently.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,15 @@ from amoe_sdk.runtimes.backends.base import Backend
 from amoe_sdk.runtimes.bundle import Bundle
 
 _PROVIDERS = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider", "TENSORRT": "TensorrtExecutionProvider"}
+# ONNX Runtime's names of the element types an input may have.
+_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, device: str = "CPU", threads: int | None = None):
+        super().__init__(bundle)
         key = device.upper()
         if key not in _PROVIDERS:
             raise BackendError(f"onnxruntime device '{device}' is unknown; choose CPU, CUDA or TensorRT")
@@ -31,15 +37,21 @@ class OnnxRuntimeBackend(Backend):
             options.inter_op_num_threads = 1
         # Requested provider first, CPU only for the ops it cannot run (ONNX Runtime requires it listed).
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-        path = bundle.artifact("onnx")
+        # A jetson bundle's TensorRT-ready ONNX is a plain ONNX model too: ONNX Runtime runs it off the Jetson.
+        path = bundle.artifact("onnx" if bundle.has_artifact("onnx") else "tensorrt_onnx")
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
-        self.input_name = self.session.get_inputs()[0].name
+        graph_input = self.session.get_inputs()[0]
+        self.check_artifact_input(tuple(graph_input.shape), _DTYPES.get(graph_input.type, graph_input.type), str(path))
+        self.input_name = graph_input.name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.device = key
 
-    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, {self.input_name: batch})
         return dict(zip(self.output_names, outputs))
+
+    def close_impl(self) -> None:
+        self.session = None

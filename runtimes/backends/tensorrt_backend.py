@@ -2,7 +2,8 @@
 
 The engine is specific to the GPU and the TensorRT version, so a bundle may carry only the TensorRT-ready ONNX:
 the first load builds the engine on the device and caches it under ``<bundle>/engine_cache`` (or ``cache_dir``),
-named by GPU and TensorRT version; later loads deserialize it.
+named by GPU and TensorRT version; later loads deserialize it. An execution context and its device buffers serve
+one batch at a time, so each thread borrows a lane (context, CUDA stream, buffers) of its own from a pool.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from amoe_sdk.errors import BackendError
-from amoe_sdk.runtimes.backends.base import Backend, InferPipeline, ThreadedPipeline
+from amoe_sdk.runtimes.backends.base import Backend, LanePool
 from amoe_sdk.runtimes.backends.tensorrt_engine import EngineOptions, build_engine
 from amoe_sdk.runtimes.bundle import Bundle
 
@@ -36,12 +37,17 @@ def _check(result):
     return values[0] if len(values) == 1 else values
 
 
+# Execution contexts one backend keeps at most (each holds its activation memory on the device).
+MAX_LANES = 8
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, device: str = "cuda:0", cache_dir: str | Path | None = None, dla_core: int | None = None):
         import tensorrt as trt
 
+        super().__init__(bundle)
         cudart = _cudart()
         match = re.fullmatch(r"(?:cuda:)?(\d+)", device.lower())
         if not match:
@@ -57,8 +63,11 @@ class TensorRTBackend(Backend):
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT cannot deserialize {engine_path}; delete it to rebuild on this device")
-        self.cudart, self.trt, self.index = cudart, trt, index
-        self.lanes = [_Lane(self.engine, cudart, trt, index)]
+        first = _Lane(self.engine, cudart, trt, index)
+        inputs = [(shape, dtype) for shape, dtype, _, is_input in first.tensors.values() if is_input]
+        self.check_artifact_input(inputs[0][0], str(inputs[0][1]), str(engine_path))
+        self.lanes: LanePool[_Lane] = LanePool(lambda: _Lane(self.engine, cudart, trt, index), MAX_LANES, _Lane.close)
+        self.lanes.prime(first)
         self.device = f"cuda:{index} ({gpu})"
 
     @staticmethod
@@ -73,31 +82,25 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def _engine_for(bundle: Bundle, gpu: str, version: str, cache_dir, dla_core) -> Path:
-        engine = bundle.manifest.get("tensorrt_engine") or {}
+        engine = bundle.manifest.tensorrt_engine or {}
         if engine.get("gpu") == gpu and engine.get("tensorrt_version") == version and dla_core == engine.get("dla_core"):
             return bundle.artifact("tensorrt_engine")
         cache = Path(cache_dir) if cache_dir else bundle.root / "engine_cache"
         tag = re.sub(r"[^A-Za-z0-9]+", "-", f"{gpu}-trt{version}-dla{dla_core}").strip("-")
         path = cache / f"model-{tag}.engine"
         if not path.is_file():
-            fp16 = bundle.manifest.get("precision") in ("fp16", "int8")
+            fp16 = bundle.manifest.precision in ("fp16", "int8")
             build_engine(bundle.artifact("tensorrt_onnx"), path, EngineOptions(fp16=fp16, dla_core=dla_core, timing_cache=cache / "timing.cache"))
         return path
 
-    def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        return self.lanes[0].infer(batch)
+    def infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        # Batches in flight from several threads (a pipeline, several callers) each run in a lane of their own, so
+        # copies and kernels of consecutive batches overlap on the GPU.
+        with self.lanes.borrow() as lane:
+            return lane.infer(batch)
 
-    def pipeline(self, depth: int) -> InferPipeline:
-        """``depth`` lanes, each an execution context with its own CUDA stream and buffers, so copies and
-        kernels of consecutive batches overlap on the GPU."""
-        while len(self.lanes) < depth:
-            self.lanes.append(_Lane(self.engine, self.cudart, self.trt, self.index))
-        return ThreadedPipeline([lane.infer for lane in self.lanes[:depth]])
-
-    def close(self) -> None:
-        for lane in self.lanes:
-            lane.close()
-        self.lanes.clear()
+    def close_impl(self) -> None:
+        self.lanes.close()
 
 
 class _Lane:

@@ -22,8 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from amoe_sdk.errors import AmoeError
+from amoe_sdk.errors import UsageError
+from amoe_sdk.outputs import atomic_write_text, check_output_file, check_output_folder, check_run_folder
+from amoe_sdk.process import run_command
 from amoe_sdk.version import __version__
+
+# The files whose presence makes a folder a run of ours (amoe train / amoe distill may write into it again).
+RUN_FILES = ("model.pt", "last.pt")
 
 
 def _threads(n: int | None) -> None:
@@ -38,6 +43,7 @@ def cmd_data_sample(args: argparse.Namespace) -> int:
 
     from amoe_sdk.data.synth import SampleSpec, write_sample_dataset
 
+    check_output_folder(args.out, "OUT")
     spec = SampleSpec(train_good=args.train_good, test_good=args.test_good, test_per_defect=args.per_defect)
     folders = write_sample_dataset(args.out, args.categories, args.seed, spec, progress=lambda jobs: tqdm(jobs, desc="render", unit="img"))
     for folder in folders:
@@ -45,25 +51,25 @@ def cmd_data_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_overrides(args: argparse.Namespace) -> dict:
-    """--steps and --seed as config overrides, where given."""
-    overrides = {}
-    if args.steps is not None:
-        overrides["train.steps"] = args.steps
-    if args.seed is not None:
-        overrides["train.seed"] = args.seed
-    return overrides
+def _run_overrides(args: argparse.Namespace) -> tuple[dict, dict]:
+    """--steps and --seed as config overrides where given, and the option behind each (for error messages)."""
+    overrides, flags = {}, {}
+    for key, flag, value in (("train.steps", "--steps", args.steps), ("train.seed", "--seed", args.seed)):
+        if value is not None:
+            overrides[key], flags[key] = value, flag
+    return overrides, flags
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from amoe_sdk.config import load_config
     from amoe_sdk.training.trainer import train
 
+    check_run_folder(args.out, "--out", RUN_FILES)
     _threads(args.threads)
-    overrides = _run_overrides(args)
+    overrides, flags = _run_overrides(args)
     if args.encoder_weights is not None:
         overrides["model.encoder.weights"] = args.encoder_weights
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, flags)
     result = train(args.data, args.out, config, resume=not args.no_resume)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}")
     return 0
@@ -72,11 +78,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from amoe_sdk.training.distill import distill
 
+    check_run_folder(args.out, "--out", RUN_FILES)
     _threads(args.threads)
-    overrides = _run_overrides(args)
+    overrides, flags = _run_overrides(args)
     if args.qat:
         overrides["qat.enabled"] = True
-    result = distill(args.teacher, args.data, args.out, args.student, overrides, resume=not args.no_resume)
+    result = distill(args.teacher, args.data, args.out, args.student, overrides, resume=not args.no_resume, flags=flags)
     fid = result.fidelity
     print(
         f"distilled {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}\n"
@@ -97,15 +104,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from amoe_sdk.data.layouts import read_dataset, read_folder_dataset
     from amoe_sdk.evaluation.evaluate import evaluate, format_table, write_json
 
-    _threads(args.threads)
     if args.data and args.normal:
-        raise AmoeError("pass either --data (MVTec layout) or --normal/--abnormal (plain folders), not both")
+        raise UsageError("pass either --data (MVTec layout) or --normal/--abnormal (plain folders), not both")
+    if not args.data and not (args.normal and args.abnormal):
+        raise UsageError("evaluation needs --data DIR (MVTec layout) or --normal DIR --abnormal DIR [--masks DIR]")
+    check_output_file(args.out, "--out")
+    if args.save_images is not None:
+        check_output_folder(args.save_images, "--save-images")
+    _threads(args.threads)
     if args.data:
         dataset = read_dataset(args.data, require_test=True)
-    elif args.normal and args.abnormal:
-        dataset = read_folder_dataset(args.normal, args.abnormal, args.masks)
     else:
-        raise AmoeError("evaluation needs --data DIR (MVTec layout) or --normal DIR --abnormal DIR [--masks DIR]")
+        dataset = read_folder_dataset(args.normal, args.abnormal, args.masks)
     model, payload = load_detector(args.model)
     started = time.time()
     result = evaluate(model, dataset, args.save_images)
@@ -119,10 +129,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if (Path(args.path) / "manifest.json").is_file():
+        return _info_bundle(args)  # torch-free: a bundle is inspected where it runs
     from amoe_sdk.checkpoint import read_checkpoint
 
-    if (Path(args.path) / "manifest.json").is_file():
-        return _info_bundle(args)
     payload = read_checkpoint(args.path)
     summary = {
         "checkpoint": str(payload["path"]),
@@ -156,7 +166,7 @@ def _info_bundle(args: argparse.Namespace) -> int:
     from amoe_sdk.runtimes.bundle import REPORT_NAME, read_bundle
 
     bundle = read_bundle(args.path)
-    summary = dict(bundle.manifest)
+    summary = bundle.manifest.to_dict()
     report = bundle.root / REPORT_NAME
     summary["parity_report"] = json.loads(report.read_text()) if report.is_file() else "not verified yet: run amoe verify"
     if args.json:
@@ -174,6 +184,10 @@ BENCH_FLOOR_EXIT = 12
 def cmd_bench(args: argparse.Namespace) -> int:
     from amoe_sdk.runtimes.bench import bench_bundle, json_report, load_labelled_frames, markdown_table
 
+    if args.floor is not None and (args.data is None or not (args.data / "test").is_dir()):
+        raise UsageError("--floor needs --data with labelled test images (an MVTec category)")
+    if args.json_out is not None:
+        check_output_file(args.json_out, "--json-out")
     if args.data is not None:
         frames, labels = load_labelled_frames(args.data)
     else:
@@ -182,16 +196,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # Timing only: camera-sized frames, so the resize is charged as it will be on the line.
         rng = np.random.default_rng(0)
         frames, labels = [rng.integers(0, 256, (960, 1280, 3), dtype=np.uint8) for _ in range(4)], None
-    if args.floor is not None and labels is None:
-        print("amoe bench: error: --floor needs --data with labelled test images (an MVTec category)", file=sys.stderr)
-        return 2
     rows = []
     for bundle in args.bundles:
         rows.append(bench_bundle(bundle, frames, labels, args.runs, args.depth, args.threads, args.backend, args.device))
         print(f"benchmarked {bundle}", file=sys.stderr)
     print(json_report(rows) if args.format == "json" else markdown_table(rows))
     if args.json_out:
-        args.json_out.write_text(json_report(rows) + "\n")
+        atomic_write_text(args.json_out, json_report(rows) + "\n")
     below = [r for r in rows if args.floor is not None and (r.image_auroc or 0.0) < args.floor]
     for row in below:
         print(f"amoe bench: {row.artifact} image AUROC {row.image_auroc:.3f} is below the floor {args.floor}", file=sys.stderr)
@@ -345,14 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except AmoeError as exc:
-        print(f"amoe {args.verb}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"amoe {args.verb}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(f"amoe {args.verb}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from amoe_sdk.data.images import read_image, read_mask, resize_image
 from amoe_sdk.data.layouts import GOOD, Dataset
 from amoe_sdk.evaluation.metrics import aupro, auroc, f1_max
 from amoe_sdk.evaluation.overlays import side_by_side, write_png
+from amoe_sdk.outputs import atomic_write_text
 
 
 @torch.no_grad()
@@ -112,8 +113,4 @@ def format_table(result: dict[str, Any], title: str = "") -> str:
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=True))
-    tmp.replace(path)
+    atomic_write_text(Path(path), json.dumps(result, indent=2, allow_nan=True))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from amoe_sdk.calibration.pseudo_anomalies import synthesise
 from amoe_sdk.checkpoint import (
-    FINAL_NAME, RESUME_NAME, atomic_torch_save, load_detector, make_payload, read_checkpoint, run_state,
+    FINAL_NAME, RESUME_NAME, atomic_torch_save, load_detector, make_payload, run_state,
 )
 from amoe_sdk.config import DistillConfig
 from amoe_sdk.converters.folding import count_cost
@@ -31,19 +31,17 @@ from amoe_sdk.errors import CheckpointError
 from amoe_sdk.evaluation.metrics import auroc
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
+from amoe_sdk.outputs import atomic_write_text
 from amoe_sdk.runtimes.bundle import sha256_of
 from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.distill_losses import map_matching_loss, normal_reconstruction_loss, score_matching_loss
 from amoe_sdk.training.qat import FakeQuantization, float_state_dict
+from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
 from amoe_sdk.training.student import TeacherUsage, load_distill_config, teacher_usage
 from amoe_sdk.training.trainer import (
     calibrate_normalisation, encode_all, fit_feature_statistics, learning_rate, seed_everything, select_features,
 )
 from amoe_sdk.version import __version__
-
-# Steps and checkpoint spacing may change between a run and its resumption; nothing else may.
-RESUMABLE_KEYS = ("steps", "checkpoint_every")
-
 
 @dataclass
 class DistillResult:
@@ -156,11 +154,15 @@ def _split(dataset_train: list[Path], teacher_payload: dict, config: DistillConf
     return split_train_val(dataset_train, tc.val_fraction, tc.min_val_images, tc.seed)
 
 
-def _same_setup(saved: dict, current: dict) -> bool:
-    def strip(d: dict) -> dict:
-        return {**d, "train": {k: v for k, v in d["train"].items() if k not in RESUMABLE_KEYS}}
-
-    return strip(saved) == strip(current)
+def _check_same_teacher(saved: dict, path: Path, teacher_file: Path, teacher_hash: str) -> None:
+    record = saved.get("distillation")
+    if record is None:
+        raise CheckpointError(f"{path} is not a distillation run; use a new --out folder")
+    if record["teacher"]["sha256"] != teacher_hash:
+        raise CheckpointError(
+            f"{path} was distilled from another teacher ({record['teacher']['path']}, sha256 "
+            f"{record['teacher']['sha256'][:12]}...), not {teacher_file}; use a new --out folder or --no-resume"
+        )
 
 
 def distill(
@@ -171,9 +173,11 @@ def distill(
     overrides: dict[str, Any] | None = None,
     resume: bool = True,
     show_progress: bool = True,
+    flags: dict[str, str] | None = None,
 ) -> DistillResult:
     """Distil the teacher run ``teacher_path`` into a student on the normal images of ``data_root``; writes
-    ``out_dir/model.pt`` (an ordinary checkpoint with a ``distillation`` record) and resumes from ``out_dir/last.pt``."""
+    ``out_dir/model.pt`` (an ordinary checkpoint with a ``distillation`` record) and resumes from ``out_dir/last.pt``
+    (or a finished run's ``model.pt``). ``flags`` names the command-line option behind each override, for messages."""
     started = time.time()
     out_dir = Path(out_dir)
     teacher, teacher_payload = load_detector(teacher_path)
@@ -182,15 +186,22 @@ def distill(
     teacher_hash = sha256_of(teacher_file)
 
     # Refuse a broken --student file now, not after minutes of teacher inference.
-    provisional = load_distill_config(teacher.config, TeacherUsage.everything(teacher), student_yaml, overrides)
+    provisional = load_distill_config(teacher.config, TeacherUsage.everything(teacher), student_yaml, overrides, flags)
     dataset = read_dataset(data_root)
     # The split and the routing analysis come first: the student's defaults depend on what the teacher uses.
     train_paths, val_paths = _split(dataset.train, teacher_payload, provisional)
+    check_batch_fits(provisional.train.batch_size, train_paths, data_root)
+    resume_from = resume_source(out_dir) if resume else None
+    saved = load_resumable(resume_from) if resume_from is not None else None
+    if saved is not None:  # what can be checked before the teacher runs; the config once it is known
+        _check_same_teacher(saved, resume_from, teacher_file, teacher_hash)
     t_size = teacher.config.input_size
     t_normals = load_images(train_paths, t_size, _progress("read train"))
     normal_targets, t_features = teacher_pass(teacher, t_normals, desc="teacher on normals")
     usage = teacher_usage(teacher, t_features, provisional.data.min_expert_weight)
-    config = load_distill_config(teacher.config, usage, student_yaml, overrides)
+    config = load_distill_config(teacher.config, usage, student_yaml, overrides, flags)
+    if saved is not None:
+        check_resumable(saved, saved["distillation"]["config"], config.to_dict(), train_paths, val_paths, config.train.steps, resume_from)
     del t_features
     tc = config.train
     seed_everything(tc.seed)
@@ -241,18 +252,7 @@ def distill(
 
     start_step, history = 0, []
     resume_path = out_dir / RESUME_NAME
-    if resume and resume_path.is_file():
-        saved = read_checkpoint(resume_path)
-        record = saved.get("distillation")
-        if record is None:
-            raise CheckpointError(f"{resume_path} is not a distillation run; use a new --out folder")
-        if record["teacher"]["sha256"] != teacher_hash:
-            raise CheckpointError(
-                f"{resume_path} was distilled from another teacher ({record['teacher']['path']}, sha256 "
-                f"{record['teacher']['sha256'][:12]}...), not {teacher_file}; use a new --out folder or --no-resume"
-            )
-        if not _same_setup(record["config"], config.to_dict()):
-            raise CheckpointError(f"{resume_path} was distilled with another config; use a new --out folder or pass --no-resume to start over")
+    if saved is not None:
         student.load_state_dict(saved["state_dict"])
         normaliser.load_state_dict(saved["normaliser"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -334,7 +334,7 @@ def distill(
     save(resume_path, tc.steps, record=record)
     training_config.save_yaml(out_dir / "config.yaml")
     config.save_yaml(out_dir / "distill.yaml")
-    (out_dir / "history.json").write_text(json.dumps(history))
+    atomic_write_text(out_dir / "history.json", json.dumps(history))
     return DistillResult(final, tc.steps, time.time() - started, teacher_gflops, student_gflops, fidelity, losses)
 
 

@@ -17,7 +17,7 @@ import torch
 from amoe_sdk.calibration.pseudo_anomalies import check_kinds
 from amoe_sdk.config import (
     ComponentExpertConfig, DistillConfig, EncoderConfig, GlobalExpertConfig, ModelConfig, PatchExpertConfig,
-    RouterConfig, merge_dicts, read_yaml_mapping, validate_config,
+    RouterConfig, check_ranges, merge_dicts, read_yaml_mapping, validate_config,
 )
 from amoe_sdk.errors import ConfigError
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
@@ -90,9 +90,13 @@ def default_student_model(teacher: ModelConfig, usage: TeacherUsage) -> ModelCon
     )
 
 
-def load_distill_config(teacher: ModelConfig, usage: TeacherUsage, student_yaml=None, overrides: dict[str, Any] | None = None) -> DistillConfig:
+def load_distill_config(
+    teacher: ModelConfig, usage: TeacherUsage, student_yaml=None, overrides: dict[str, Any] | None = None,
+    flags: dict[str, str] | None = None,
+) -> DistillConfig:
     """The distillation config: defaults derived from the teacher, then the ``--student`` YAML, then
-    ``overrides`` like ``{"train.steps": 10}``. Unknown keys anywhere are a ConfigError naming them."""
+    ``overrides`` like ``{"train.steps": 10}`` (``flags`` names the command-line option behind each, for
+    messages). Unknown keys anywhere and values out of range are a ConfigError naming them."""
     data = DistillConfig(model=default_student_model(teacher, usage)).to_dict()
     source = "student defaults"
     if student_yaml is not None:
@@ -101,20 +105,19 @@ def load_distill_config(teacher: ModelConfig, usage: TeacherUsage, student_yaml=
     for dotted, value in (overrides or {}).items():
         data = merge_dicts(data, _nest(dotted, value))
     config = DistillConfig.from_dict(data, source)
-    validate_config(config.as_training_config())
+    check_ranges(config, source, flags)
+    validate_config(config.as_training_config(), source, flags)
     if config.model.postprocess != teacher.postprocess:
         raise ConfigError(
             f"{source}: the student's postprocess differs from its teacher's ({config.model.postprocess} vs "
             f"{teacher.postprocess}); their maps and scores must be made the same way to be matched: remove model.postprocess"
         )
-    if not 0.0 <= config.data.anomaly_share < 1.0 or config.data.pseudo_per_image < 1 and config.data.anomaly_share > 0:
-        raise ConfigError(f"{source}: data.anomaly_share must lie in [0, 1) and data.pseudo_per_image be at least 1")
+    if config.data.pseudo_per_image < 1 and config.data.anomaly_share > 0:
+        raise ConfigError(f"{source}: data.anomaly_share > 0 needs data.pseudo_per_image of at least 1")
     try:
         check_kinds(config.data.pseudo_kinds)
     except ValueError as exc:
         raise ConfigError(f"{source}: data.pseudo_kinds: {exc}") from exc
-    if not 0.0 < config.qat.fraction <= 1.0:
-        raise ConfigError(f"{source}: qat.fraction must lie in (0, 1]")
     return config
 
 

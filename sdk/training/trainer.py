@@ -17,15 +17,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from amoe_sdk.checkpoint import FINAL_NAME, RESUME_NAME, atomic_torch_save, make_payload, read_checkpoint, run_state
+from amoe_sdk.checkpoint import FINAL_NAME, RESUME_NAME, atomic_torch_save, make_payload, run_state
 from amoe_sdk.config import AmoeConfig
 from amoe_sdk.data.layouts import read_dataset
-from amoe_sdk.errors import CheckpointError
+from amoe_sdk.outputs import atomic_write_text
 from amoe_sdk.models.components import kmeans
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
 from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
+from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
 
 
 @dataclass
@@ -114,13 +115,6 @@ def learning_rate(step: int, config: AmoeConfig) -> float:
     return t.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _same_training_setup(saved: dict, config: AmoeConfig) -> bool:
-    current = config.to_dict()
-    return saved["model"] == current["model"] and saved["loss"] == current["loss"] and {
-        k: v for k, v in saved["train"].items() if k not in ("steps", "checkpoint_every")
-    } == {k: v for k, v in current["train"].items() if k not in ("steps", "checkpoint_every")}
-
-
 def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume: bool = True, show_progress: bool = True) -> TrainResult:
     """Train on the normal images of ``data_root`` and write ``out_dir/model.pt``; resumes from ``out_dir/last.pt``."""
     started = time.time()
@@ -129,6 +123,12 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
     seed_everything(tc.seed)
     dataset = read_dataset(data_root)
     train_paths, val_paths = split_train_val(dataset.train, tc.val_fraction, tc.min_val_images, tc.seed)
+    check_batch_fits(tc.batch_size, train_paths, data_root)
+    # A run folder is resumed only for the same setup on the same images: checked before any image is read.
+    resume_from = resume_source(out_dir) if resume else None
+    saved = load_resumable(resume_from) if resume_from is not None else None
+    if saved is not None:
+        check_resumable(saved, saved["config"], config.to_dict(), train_paths, val_paths, tc.steps, resume_from)
     size = config.model.input_size
     train_images = load_images(train_paths, size, lambda x: tqdm(x, desc="read train", leave=False, unit="img"))
     val_images = load_images(val_paths, size, lambda x: tqdm(x, desc="read val", leave=False, unit="img"))
@@ -153,12 +153,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
     start_step = 0
     history: list[dict[str, float]] = []
     resume_path = out_dir / RESUME_NAME
-    if resume and resume_path.is_file():
-        saved = read_checkpoint(resume_path)
-        if not _same_training_setup(saved["config"], config):
-            raise CheckpointError(
-                f"{resume_path} was trained with another config; use a new --out folder or pass --no-resume to start over"
-            )
+    if saved is not None:
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         estimators.load_state_dict(saved["estimators"])
@@ -235,7 +230,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
     save(final, tc.steps, {"calibration": calibration, "routing_usage": usage, "train_seconds": time.time() - started})
     save(resume_path, tc.steps)
     config.save_yaml(out_dir / "config.yaml")
-    (out_dir / "history.json").write_text(json.dumps(history))
+    atomic_write_text(out_dir / "history.json", json.dumps(history))
     return TrainResult(final, tc.steps, time.time() - started, losses)
 
 
