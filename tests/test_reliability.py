@@ -416,6 +416,13 @@ def test_verify_finds_the_source_from_another_directory_and_names_a_wrong_refere
     assert "is not the checkpoint" in capsys.readouterr().err
 
 
+def test_a_reference_with_another_model_config_is_a_wrong_reference(onnx_bundle, sample_root, tmp_path, capsys):
+    other = tmp_path / "other"
+    train(sample_root / "washer", other, tiny_config(**{"train.steps": 1, "model.component.num_slots": 4}), show_progress=False)
+    assert main(["verify", str(onnx_bundle), "--data", str(sample_root / "washer"), "--reference", str(other)]) == 6
+    assert "another model config" in capsys.readouterr().err
+
+
 def test_a_jetson_bundle_without_tensorrt_says_what_would_run_it(tiny_run, sample_root, tmp_path):
     bundle = convert(tiny_run, tmp_path / "trt", ConvertOptions(target="jetson"))
     pytest.importorskip("onnxruntime")
