@@ -47,7 +47,7 @@ FLOAT_FROM_THE_START = (
 # an expert) and the detector's normalisation, fusion, upsampling and top-k (ops directly under the detector).
 # Its values on anomalies lie beyond anything normal calibration images produce, so a quantizer calibrated on
 # them clips exactly the anomalies (measured on kit: every anomalous score pinned at the normal maximum).
-SIGNAL_PATH = (rf"^/detector/[^/]+$", rf"^/detector/{EXPERT}/[^/]+$")
+SIGNAL_PATH = (r"^/detector/[^/]+$", rf"^/detector/{EXPERT}/[^/]+$")
 
 
 def always_float(name: str) -> bool:

@@ -12,8 +12,8 @@ from amoe_sdk.checkpoint import read_checkpoint
 
 
 def main(runs: Path, categories: list[str]) -> None:
-    print(f"| category | image AUROC | pixel AUROC | AUPRO | F1-max | training time |")
-    print(f"|---|---|---|---|---|---|")
+    print("| category | image AUROC | pixel AUROC | AUPRO | F1-max | training time |")
+    print("|---|---|---|---|---|---|")
     for category in categories:
         metrics = json.loads((runs / category / "metrics.json").read_text())
         seconds = read_checkpoint(runs / category).get("train_seconds", float("nan"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from amoe_sdk.runtimes.backends import create_backend
 from amoe_sdk.runtimes.bundle import read_bundle
 from amoe_sdk.runtimes.preprocess import check_frame, heat_map_overlay, map_to_frame, resize_to_input
 from amoe_sdk.typed import in_range
+
+if TYPE_CHECKING:
+    from amoe_sdk.runtimes.stream import Stream
 
 
 @dataclass

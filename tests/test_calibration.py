@@ -1,7 +1,6 @@
 """Calibration data, pseudo-anomalies and the TensorRT calibration cache."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

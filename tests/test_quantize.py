@@ -27,7 +27,6 @@ def test_layer_groups_and_the_float_from_the_start_set():
 def test_squeezed_scores_keep_their_auroc_but_fail_the_gate_on_verdict_flips():
     # The failure NNCF's defaults produced on kit: INT8 anomalies pinned just above the normal maximum. Ranks
     # (AUROC) survive; at the INT8 model's own threshold every anomaly is missed.
-    labels = np.array([0] * 10 + [1] * 10)
     normal = np.linspace(0.30, 0.40, 10)
 
     def metrics(scores):

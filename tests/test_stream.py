@@ -18,7 +18,7 @@ from amoe_sdk.calibration.data import load_frames
 from amoe_sdk.data.layouts import read_dataset
 from amoe_sdk.errors import InputError
 from amoe_sdk.runtimes import EdgeDetector
-from amoe_sdk.runtimes.sources import CaptureSource, FolderSource, jetson_csi_pipeline, open_source
+from amoe_sdk.runtimes.sources import CaptureSource, jetson_csi_pipeline, open_source
 
 
 def _ffmpeg() -> str:

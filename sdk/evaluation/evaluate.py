@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from amoe_sdk.data.images import read_image, read_mask, resize_image
-from amoe_sdk.data.layouts import GOOD, Dataset
+from amoe_sdk.data.layouts import Dataset
 from amoe_sdk.evaluation.metrics import aupro, auroc, f1_max
 from amoe_sdk.evaluation.overlays import side_by_side, write_png
 from amoe_sdk.outputs import atomic_write_text
