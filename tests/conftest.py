@@ -43,7 +43,7 @@ def tiny_config(**extra):
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
-    write_sample_dataset(root, ["weave", "washer", "kit"], seed=0, spec=SampleSpec(train_good=16, test_good=4, test_per_defect=2))
+    write_sample_dataset(root, None, seed=0, spec=SampleSpec(train_good=16, test_good=4, test_per_defect=2))
     return root
 
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from amoe_sdk.data import read_dataset, read_folder_dataset, read_image, read_mask
+from amoe_sdk.data.drawing import exact_defect_pair, rng_for
 from amoe_sdk.data.synth import CATEGORIES, render
+from amoe_sdk.data.synth_line import LINE_CATEGORIES
 from amoe_sdk.errors import DataError
 
 
@@ -20,6 +22,24 @@ def test_sample_dataset_layout(sample_root):
             image = read_image(sample.image_path)
             mask = read_mask(sample.mask_paths[0], image.shape[:2], sample.image_path)
             assert mask.any(), sample.image_path
+
+
+@pytest.mark.parametrize("category", sorted(LINE_CATEGORIES))
+def test_line_categories_render_deterministically_with_masks_exactly_where_pixels_changed(category):
+    scene, defects = LINE_CATEGORIES[category]
+    for defect in defects:
+        for index in range(3):
+            image, mask = render(category, defect, 0, "test", index)
+            again, mask_again = render(category, defect, 0, "test", index)
+            assert np.array_equal(image, again) and np.array_equal(mask, mask_again)
+            same, same_mask, reference = exact_defect_pair(scene, rng_for(0, category, "test", defect, index), defect)
+            assert np.array_equal(same, image) and np.array_equal(same_mask, mask)
+            changed = (image != reference).any(axis=2)
+            assert np.array_equal(mask, changed), f"{category}/{defect}/{index}"
+            # The defect is local: the normal scene was drawn the same way with and without it.
+            assert 20 <= mask.sum() < 0.08 * mask.size, (category, defect, index, int(mask.sum()))
+    normals = [render(category, "good", 0, "train", i)[0] for i in range(2)]
+    assert not np.array_equal(*normals)  # normal images vary
 
 
 def test_sample_rendering_is_deterministic():

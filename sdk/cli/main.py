@@ -1,6 +1,6 @@
 """``amoe``: one verb per job.
 
-    amoe data sample OUT            write the procedural sample dataset (MVTec AD layout)
+    amoe data sample OUT            write the procedural sample dataset (MVTec AD layout, six categories)
     amoe train --data DIR --out RUN train a detector on normal images (resumable)
     amoe distill --teacher RUN --data DIR --out RUN   distil a teacher into a small edge student
     amoe eval --model RUN --data DIR --out metrics.json [--save-images DIR]
@@ -225,12 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample = data_verbs.add_parser(
         "sample",
         help="write the procedural sample dataset",
-        description="Write a small deterministic dataset in the MVTec AD layout: weave (texture: scratch, dent, "
-        "contamination, foreign_material), washer (object: crack, chip, stain) and kit (object with logical "
-        "anomalies: missing, extra, swapped, wrong_colour), with a pixel mask for every defect.",
+        description="Write a small deterministic dataset in the MVTec AD layout, with a pixel mask for every defect: "
+        "weave (texture: scratch, dent, contamination, foreign_material), washer (object: crack, chip, stain), kit "
+        "(object with logical anomalies: missing, extra, swapped, wrong_colour), leather (texture with subtle "
+        "defects of weave's kinds), pins (count and size: missing, extra, wrong_size, fused) and vial (structural "
+        "and logical: low_fill, label_shifted, missing_cap, crack, contamination). Normal images vary in position, "
+        "rotation and lighting.",
     )
     sample.add_argument("out", type=Path, help="output folder; one sub-folder per category")
-    sample.add_argument("--categories", nargs="+", default=None, help="subset of: weave washer kit (default: all)")
+    sample.add_argument("--categories", nargs="+", default=None, help="subset of: weave washer kit leather pins vial (default: all)")
     sample.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
     sample.add_argument("--train-good", type=int, default=100, help="normal training images per category (default 100)")
     sample.add_argument("--test-good", type=int, default=24, help="normal test images per category (default 24)")

@@ -1,11 +1,13 @@
 """A small procedural dataset in the MVTec AD layout, rendered with OpenCV from a seed.
 
-Three categories, each with pixel masks for every defect:
+Six categories, each with pixel masks for every defect. The first three (unchanged since they were written, so
+results on them stay comparable) are easy; the three of ``synth_line`` are not:
 
 * ``weave`` (texture): a woven surface with scratches, dents, contamination and foreign fibres.
 * ``washer`` (object, structural): a metal ring with cracks, chipped edges and stains.
 * ``kit`` (object, logical, in the spirit of MVTec LOCO): a tray of four compartments, each holding its own
   part; anomalies are a missing, an extra, a swapped or a wrong-coloured part, all made of normal-looking pixels.
+* ``leather`` (texture, subtle), ``pins`` (count and size), ``vial`` (structural and logical): see ``synth_line``.
 
 Every image is drawn from its own generator seeded by (seed, category, split, index), so the output is the same
 on every machine and any one image can be regenerated alone.
@@ -13,7 +15,6 @@ on every machine and any one image can be regenerated alone.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,9 +22,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from amoe_sdk.data.drawing import IMAGE_SIZE, blob_mask, finish, noise_field, polyline, rng_for
+from amoe_sdk.data.synth_line import LINE_CATEGORIES, line_category
 from amoe_sdk.errors import DataError
-
-IMAGE_SIZE = 288
 
 
 @dataclass(frozen=True)
@@ -35,54 +36,18 @@ class SampleSpec:
     test_per_defect: int = 10
 
 
-def _rng(seed: int, *keys: object) -> np.random.Generator:
-    digest = hashlib.sha256(repr((seed,) + keys).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def _noise_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Smooth value noise in [0, 1], shape (size, size)."""
-    coarse = rng.random((cells, cells)).astype(np.float32)
-    return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
-
-
-def _blob_mask(rng: np.random.Generator, size: int, center: tuple[int, int], radius: float) -> np.ndarray:
-    """An irregular filled blob as a bool mask."""
-    angles = np.sort(rng.uniform(0, 2 * np.pi, 9))
-    radii = radius * rng.uniform(0.6, 1.2, 9)
-    pts = np.stack([center[0] + radii * np.cos(angles), center[1] + radii * np.sin(angles)], axis=1)
-    mask = np.zeros((size, size), np.uint8)
-    cv2.fillPoly(mask, [pts.astype(np.int32)], 1)
-    return mask.astype(bool)
-
-
-def _polyline(rng: np.random.Generator, start: np.ndarray, length: float, wiggle: float, steps: int = 8) -> np.ndarray:
-    angle = rng.uniform(0, 2 * np.pi)
-    pts = [start]
-    for _ in range(steps):
-        angle += rng.normal(0, wiggle)
-        pts.append(pts[-1] + (length / steps) * np.array([np.cos(angle), np.sin(angle)]))
-    return np.array(pts, np.int32)
-
-
-def _finish(image: np.ndarray, rng: np.random.Generator, noise: float = 3.0) -> np.ndarray:
-    """Sensor noise and clipping: every image, normal or not, goes through this."""
-    image = image + rng.normal(0, noise, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
 # ---------------------------------------------------------------------------------------------------- weave
 def _weave_base(rng: np.random.Generator) -> np.ndarray:
     s = IMAGE_SIZE
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
     period = rng.uniform(11.5, 12.5)
     px, py = rng.uniform(0, 2 * np.pi, 2)
-    warp = 2.0 * (_noise_field(rng, s, 5) - 0.5)
+    warp = 2.0 * (noise_field(rng, s, 5) - 0.5)
     threads_x = 0.5 + 0.5 * np.sin(2 * np.pi * xx / period + px + warp)
     threads_y = 0.5 + 0.5 * np.sin(2 * np.pi * yy / period + py - warp)
     checker = (np.sin(np.pi * xx / period + px) * np.sin(np.pi * yy / period + py)) > 0
     weave = np.where(checker, threads_x, threads_y)
-    light = 0.9 + 0.2 * _noise_field(rng, s, 3)
+    light = 0.9 + 0.2 * noise_field(rng, s, 3)
     base_colour = np.array([120, 150, 170], np.float32) + rng.normal(0, 4, 3)
     image = base_colour[None, None, :] * (0.65 + 0.35 * weave[..., None]) * light[..., None]
     return image.astype(np.float32)
@@ -95,7 +60,7 @@ def _weave(rng: np.random.Generator, defect: str) -> tuple[np.ndarray, np.ndarra
     centre = rng.integers(60, s - 60, 2)
     if defect == "scratch":
         line = np.zeros((s, s), np.uint8)
-        cv2.polylines(line, [_polyline(rng, centre.astype(float), rng.uniform(70, 120), 0.15)], False, 1, 2)
+        cv2.polylines(line, [polyline(rng, centre.astype(float), rng.uniform(70, 120), 0.15)], False, 1, 2)
         mask = line.astype(bool)
         image[mask] = image[mask] * 0.4 + np.array([235, 240, 245]) * 0.6
     elif defect == "dent":
@@ -107,21 +72,21 @@ def _weave(rng: np.random.Generator, defect: str) -> tuple[np.ndarray, np.ndarra
         grad = np.roll(layer, 3, axis=0) - layer
         image = image * (1 - shade[..., None]) + 60 * grad[..., None]
     elif defect == "contamination":
-        mask = _blob_mask(rng, s, tuple(int(c) for c in centre), rng.uniform(9, 15))
+        mask = blob_mask(rng, s, tuple(int(c) for c in centre), rng.uniform(9, 15))
         colour = np.array([40, 70, 95], np.float32) + rng.normal(0, 5, 3)
         image[mask] = image[mask] * 0.25 + colour * 0.75
     elif defect == "foreign_material":
         fibre = np.zeros((s, s), np.uint8)
-        cv2.polylines(fibre, [_polyline(rng, centre.astype(float), rng.uniform(50, 90), 0.5)], False, 1, 3)
+        cv2.polylines(fibre, [polyline(rng, centre.astype(float), rng.uniform(50, 90), 0.5)], False, 1, 3)
         mask = fibre.astype(bool)
         image[mask] = np.array([60, 40, 200], np.float32) + rng.normal(0, 8, (int(mask.sum()), 3))
-    return _finish(image, rng), mask
+    return finish(image, rng), mask
 
 
 # --------------------------------------------------------------------------------------------------- washer
 def _washer(rng: np.random.Generator, defect: str) -> tuple[np.ndarray, np.ndarray]:
     s = IMAGE_SIZE
-    image = np.full((s, s, 3), 35, np.float32) + 10 * _noise_field(rng, s, 4)[..., None]
+    image = np.full((s, s, 3), 35, np.float32) + 10 * noise_field(rng, s, 4)[..., None]
     cx, cy = (s // 2 + rng.integers(-6, 7, 2)).tolist()
     outer, inner = int(rng.integers(96, 101)), int(rng.integers(44, 48))
     ring = np.zeros((s, s), np.uint8)
@@ -139,19 +104,19 @@ def _washer(rng: np.random.Generator, defect: str) -> tuple[np.ndarray, np.ndarr
     on_ring = np.array([cx + r_mid * np.cos(angle), cy + r_mid * np.sin(angle)])
     if defect == "crack":
         crack = np.zeros((s, s), np.uint8)
-        cv2.polylines(crack, [_polyline(rng, on_ring, rng.uniform(30, 45), 0.6, steps=6)], False, 1, 2)
+        cv2.polylines(crack, [polyline(rng, on_ring, rng.uniform(30, 45), 0.6, steps=6)], False, 1, 2)
         mask = crack.astype(bool) & ring_mask
         image[mask] = 25
     elif defect == "chip":
         edge = np.array([cx + outer * np.cos(angle), cy + outer * np.sin(angle)])
-        bite = _blob_mask(rng, s, tuple(int(c) for c in edge), rng.uniform(12, 18))
+        bite = blob_mask(rng, s, tuple(int(c) for c in edge), rng.uniform(12, 18))
         mask = bite & ring_mask
-        image[mask] = 35 + 10 * _noise_field(rng, s, 4)[mask][:, None]
+        image[mask] = 35 + 10 * noise_field(rng, s, 4)[mask][:, None]
     elif defect == "stain":
-        blob = _blob_mask(rng, s, tuple(int(c) for c in on_ring), rng.uniform(9, 14))
+        blob = blob_mask(rng, s, tuple(int(c) for c in on_ring), rng.uniform(9, 14))
         mask = blob & ring_mask
         image[mask] = image[mask] * 0.45 + np.array([30, 90, 150], np.float32) * 0.55
-    return _finish(image, rng), mask
+    return finish(image, rng), mask
 
 
 # ------------------------------------------------------------------------------------------------------ kit
@@ -187,14 +152,14 @@ def _draw_part(canvas: np.ndarray, footprint: np.ndarray, shape: str, colour, ce
         rect = ((cx, cy), (70, 18), float(rng.uniform(-12, 12)))
         cv2.fillPoly(layer, [cv2.boxPoints(rect).astype(np.int32)], 1)
     part = layer.astype(bool)
-    shading = 0.85 + 0.15 * _noise_field(rng, footprint.shape[0], 6)
+    shading = 0.85 + 0.15 * noise_field(rng, footprint.shape[0], 6)
     canvas[part] = np.array(colour, np.float32) * shading[part][:, None]
     footprint |= part
 
 
 def _kit(rng: np.random.Generator, defect: str) -> tuple[np.ndarray, np.ndarray]:
     s = IMAGE_SIZE
-    image = np.full((s, s, 3), 60, np.float32) + 8 * _noise_field(rng, s, 4)[..., None]
+    image = np.full((s, s, 3), 60, np.float32) + 8 * noise_field(rng, s, 4)[..., None]
     boxes = _kit_compartments()
     for x0, y0, x1, y1 in boxes:
         cv2.rectangle(image, (x0, y0), (x1, y1), (200, 200, 196), -1)
@@ -228,13 +193,14 @@ def _kit(rng: np.random.Generator, defect: str) -> tuple[np.ndarray, np.ndarray]
             extra_shape = "nut"  # only a compact part fits in a corner
         _draw_part(image, footprint, extra_shape, extra_colour, corner, rng)
         mask |= footprint
-    return _finish(image, rng), mask
+    return finish(image, rng), mask
 
 
 CATEGORIES: dict[str, tuple[Callable[[np.random.Generator, str], tuple[np.ndarray, np.ndarray]], tuple[str, ...]]] = {
     "weave": (_weave, ("scratch", "dent", "contamination", "foreign_material")),
     "washer": (_washer, ("crack", "chip", "stain")),
     "kit": (_kit, ("missing", "extra", "swapped", "wrong_colour")),
+    **{name: (line_category(scene), defects) for name, (scene, defects) in LINE_CATEGORIES.items()},
 }
 
 
@@ -243,7 +209,7 @@ def render(category: str, defect: str, seed: int, split: str, index: int) -> tup
     draw, defects = CATEGORIES[category]
     if defect != "good" and defect not in defects:
         raise DataError(f"category {category} has no defect type {defect}; known: {', '.join(defects)}")
-    image, mask = draw(_rng(seed, category, split, defect, index), defect)
+    image, mask = draw(rng_for(seed, category, split, defect, index), defect)
     if defect != "good" and not mask.any():
         raise AssertionError(f"renderer produced an empty mask for {category}/{defect}/{index}")
     return image, mask
