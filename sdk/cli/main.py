@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weave (texture: scratch, dent, contamination, foreign_material), washer (object: crack, chip, stain), kit "
         "(object with logical anomalies: missing, extra, swapped, wrong_colour), leather (texture with subtle "
         "defects of weave's kinds), pins (count and size: missing, extra, wrong_size, fused) and vial (structural "
-        "and logical: low_fill, label_shifted, missing_cap, crack, contamination). Normal images vary in position, "
+        "and logical: low_fill, label_shifted, loose_cap, crack, contamination). Normal images vary in position, "
         "rotation and lighting.",
     )
     sample.add_argument("out", type=Path, help="output folder; one sub-folder per category")

@@ -62,12 +62,12 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, m
     return result
 
 
-def evaluate(model, dataset: Dataset, save_images: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Metrics of ``model`` on ``dataset.test``; the JSON-ready dict the CLI writes."""
+def score_predictions(dataset: Dataset, scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
+    """Overall and per-defect metrics of any detector's image ``scores`` [N] and ``maps`` [N, S, S] on
+    ``dataset.test`` (masks compared at the maps' size S): one implementation for ours and for peers."""
     samples = dataset.test
-    scores, maps, images, weights = predict(model, samples, show_progress=show_progress)
     labels = np.array([s.label for s in samples])
-    masks = load_masks(samples, model.config.input_size)
+    masks = load_masks(samples, maps.shape[-1])
     has_masks = all(s.mask_paths for s in samples if s.label == 1) and labels.any()
     overall = compute_metrics(labels, scores, masks, maps, has_masks)
     per_defect = {}
@@ -78,20 +78,26 @@ def evaluate(model, dataset: Dataset, save_images: str | Path | None = None, sho
             "count": int((subset & ~good).sum()),
             **compute_metrics(labels[subset], scores[subset], masks[subset], maps[subset], has_masks),
         }
+    return {**overall, "per_defect": per_defect, "num_images": len(samples), "num_anomalous": int(labels.sum())}
+
+
+def evaluate(model, dataset: Dataset, save_images: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Metrics of ``model`` on ``dataset.test``; the JSON-ready dict the CLI writes."""
+    samples = dataset.test
+    scores, maps, images, weights = predict(model, samples, show_progress=show_progress)
     result = {
-        **overall,
-        "per_defect": per_defect,
-        "num_images": len(samples),
-        "num_anomalous": int(labels.sum()),
+        **score_predictions(dataset, scores, maps),
         "expert_selected_share": (weights > 0).mean(axis=0).tolist(),
         "scores": [{"image": str(s.image_path), "label": int(s.label), "defect": s.defect_type, "score": float(v)} for s, v in zip(samples, scores)],
     }
     if save_images:
-        vmax = 2.0 * overall["threshold"] if np.isfinite(overall["threshold"]) and overall["threshold"] > 0 else float(maps.max())
+        threshold = result["threshold"]
+        vmax = 2.0 * threshold if np.isfinite(threshold) and threshold > 0 else float(maps.max())
         root = Path(save_images)
+        masks = load_masks(samples, model.config.input_size)
         for sample, image, mask, amap, score in zip(samples, images, masks, maps, scores):
-            verdict = "ANOMALY" if score >= overall["threshold"] else "normal"
-            caption = f"{sample.defect_type}/{sample.image_path.name}  score {score:.3f}  ({verdict} at {overall['threshold']:.3f})"
+            verdict = "ANOMALY" if score >= threshold else "normal"
+            caption = f"{sample.defect_type}/{sample.image_path.name}  score {score:.3f}  ({verdict} at {threshold:.3f})"
             write_png(root / sample.defect_type / f"{sample.image_path.stem}.png", side_by_side(image, mask, amap, vmax, caption))
     return result
 
