@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from amoe_sdk.calibration.pseudo_anomalies import synthesise
+from amoe_sdk.calibration.pseudo_anomalies import synthesise, synthesise_subtle
 from amoe_sdk.data.images import list_images, read_image, read_mask
 from amoe_sdk.errors import DataError
 from amoe_sdk.runtimes.preprocess import resize_to_input
@@ -45,21 +45,33 @@ def load_frames(paths: list[Path], size: int) -> np.ndarray:
 
 @dataclass
 class GateSet:
-    """Frames [N, S, S, 3] uint8, labels [N] (0 normal, 1 anomalous), masks [N, S, S] bool, and where they came from."""
+    """Frames [N, S, S, 3] uint8, labels [N] (0 normal, 1 anomalous), masks [N, S, S] bool, ``groups`` [N] (the
+    anomalies' kind: ``blatant`` / ``subtle`` pseudo-anomalies, or ``real``; ``normal`` for the normals, which
+    every group is measured against), and where they came from."""
 
     frames: np.ndarray
     labels: np.ndarray
     masks: np.ndarray
     source: str
+    groups: np.ndarray
+
+    def group_indices(self) -> dict[str, np.ndarray]:
+        """Each anomaly group with the normal images: the index sets the gate measures separately."""
+        normal = self.labels == 0
+        return {name: np.nonzero(normal | (self.groups == name))[0] for name in dict.fromkeys(self.groups[~normal])}
 
 
 def gate_set(normal_frames: np.ndarray, size: int, val_data: str | Path | None = None, seed: int = 0) -> GateSet:
     """Held-out normal frames plus real anomalies from ``val_data`` (an MVTec category's test split) or, without
-    it, as many pseudo-anomalies as there are normal frames."""
+    it, as many blatant and as many subtle pseudo-anomalies as there are normal frames."""
     normal_masks = np.zeros(normal_frames.shape[:3], bool)
     if val_data is None:
-        anomalies, masks = synthesise(normal_frames, len(normal_frames), seed)
-        source = f"{len(normal_frames)} held-out normal images + {len(anomalies)} pseudo-anomalies (cut-paste, Perlin)"
+        blatant, blatant_masks = synthesise(normal_frames, len(normal_frames), seed)
+        subtle, subtle_masks, amplitude = synthesise_subtle(normal_frames, len(normal_frames), seed)
+        anomalies, masks = np.concatenate([blatant, subtle]), np.concatenate([blatant_masks, subtle_masks])
+        groups = ["blatant"] * len(blatant) + ["subtle"] * len(subtle)
+        source = (f"{len(normal_frames)} held-out normal images + {len(blatant)} pseudo-anomalies (cut-paste, Perlin) + "
+                  f"{len(subtle)} subtle ones ({amplitude:.1f} grey levels, the normal images' own variation)")
     else:
         from amoe_sdk.data.layouts import read_dataset
 
@@ -76,7 +88,8 @@ def gate_set(normal_frames: np.ndarray, size: int, val_data: str | Path | None =
             anomalies.append(resize_to_input(image, size))
             masks.append(cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0)
         anomalies, masks = np.stack(anomalies), np.stack(masks)
+        groups = ["real"] * len(anomalies)
         source = f"{len(normal_frames)} held-out normal images + {len(anomalies)} anomalous images from {val_data}"
     frames = np.concatenate([normal_frames, anomalies])
     labels = np.concatenate([np.zeros(len(normal_frames), int), np.ones(len(anomalies), int)])
-    return GateSet(frames, labels, np.concatenate([normal_masks, masks]), source)
+    return GateSet(frames, labels, np.concatenate([normal_masks, masks]), source, np.array(["normal"] * len(normal_frames) + groups))

@@ -6,6 +6,10 @@ anomalies look like that to a reconstruction model), Perlin-noise blemishes (an 
 blended towards another colour or texture: stains, contamination) and region swaps (two parts of one image
 trade places: every pixel is a normal one and only the layout is wrong, as in a logical anomaly such as
 components in each other's compartments). Deterministic for a seed.
+
+``synthesise_subtle`` makes the same cut-paste and Perlin kinds at the contrast of the normal images' own
+variation (``normal_variation``): the blatant ones stay separated however noisy a quantized model gets, and
+would hide a loss that a subtle real defect suffers.
 """
 
 from __future__ import annotations
@@ -94,6 +98,52 @@ def region_swap(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     return out, mask
 
 
+def normal_variation(normals: np.ndarray) -> float:
+    """The contrast of the normal images' own texture: the median over images of the std of each image minus its
+    own blur (sigma 3 px), in grey levels. Subtle pseudo-anomalies change their region by about this much."""
+    values = []
+    for image in normals:
+        grey = image.astype(np.float32).mean(axis=2)
+        values.append(float(np.std(grey - cv2.GaussianBlur(grey, (0, 0), 3.0))))
+    return float(np.median(values))
+
+
+# Subtle pseudo-anomalies change their region by at least this many grey levels: below it they drown in sensor
+# noise (about 3 levels), and no detector could see them.
+MIN_SUBTLE_AMPLITUDE = 6.0
+
+
+def subtle_cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator, amplitude: float) -> tuple[np.ndarray, np.ndarray]:
+    """A patch of another normal image, unrotated and at its own brightness, blended in so that the region changes
+    by about ``amplitude`` grey levels on average -> (image, bool mask of the changed pixels)."""
+    h, w = image.shape[:2]
+    ph, pw = (int(rng.uniform(0.08, 0.2) * h) for _ in range(2))
+    sy, sx = rng.integers(0, h - ph), rng.integers(0, w - pw)
+    ty, tx = rng.integers(0, h - ph), rng.integers(0, w - pw)
+    target = image[ty : ty + ph, tx : tx + pw].astype(np.float32)
+    patch = donor[sy : sy + ph, sx : sx + pw].astype(np.float32)
+    full = float(np.abs(patch - target).mean())
+    alpha = float(np.clip(amplitude / max(full, 1e-6), 0.15, 1.0))
+    out = image.copy()
+    out[ty : ty + ph, tx : tx + pw] = np.clip(np.rint(target * (1 - alpha) + patch * alpha), 0, 255).astype(np.uint8)
+    return out, np.any(out != image, axis=-1)
+
+
+def subtle_blemish(image: np.ndarray, rng: np.random.Generator, amplitude: float) -> tuple[np.ndarray, np.ndarray]:
+    """An irregular Perlin region whose colour shifts by about ``amplitude`` grey levels per channel (a random
+    direction: darker, lighter, tinted) -> (image, bool mask of the changed pixels)."""
+    h, w = image.shape[:2]
+    for _ in range(20):
+        noise = perlin_noise((h, w), int(rng.integers(2, 6)), rng)
+        region = noise > rng.uniform(0.35, 0.55)
+        if 0.005 * h * w < region.sum() < 0.15 * h * w:
+            break
+    shift = amplitude * rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.4, 3)
+    soft = (cv2.GaussianBlur(region.astype(np.float32), (5, 5), 1.5) * region)[..., None]
+    out = np.clip(np.rint(image.astype(np.float32) + soft * shift), 0, 255).astype(np.uint8)
+    return out, np.any(out != image, axis=-1)
+
+
 PSEUDO_KINDS = ("cut_paste", "perlin", "region_swap")
 
 
@@ -127,3 +177,22 @@ def synthesise(
         images.append(image)
         masks.append(mask)
     return np.stack(images), np.stack(masks)
+
+
+def synthesise_subtle(normals: np.ndarray, count: int, seed: int = 0, amplitude: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """``count`` subtle cut-paste and Perlin pseudo-anomalies, taking turns -> (images, masks, the amplitude used:
+    ``normal_variation`` of ``normals`` unless given, at least ``MIN_SUBTLE_AMPLITUDE``)."""
+    if len(normals) == 0:
+        raise ValueError("pseudo-anomalies need at least one normal image")
+    amplitude = max(normal_variation(normals) if amplitude is None else amplitude, MIN_SUBTLE_AMPLITUDE)
+    rng = np.random.default_rng(seed + 7919)  # not the blatant set's draws
+    images, masks = [], []
+    for i in range(count):
+        base = normals[i % len(normals)]
+        if i % 2 == 0:
+            image, mask = subtle_cut_paste(base, normals[rng.integers(len(normals))], rng, amplitude)
+        else:
+            image, mask = subtle_blemish(base, rng, amplitude)
+        images.append(image)
+        masks.append(mask)
+    return np.stack(images), np.stack(masks), amplitude

@@ -164,7 +164,7 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
         },
         "normalisation": {
             "map_low": model.map_low.tolist(), "map_high": model.map_high.tolist(),
-            "level_weights": model.config.postprocess.level_weights, "top_percent": model.config.postprocess.top_percent,
+            "level_weights": model.level_weights.tolist(), "top_percent": model.config.postprocess.top_percent,
         },
         "model": payload["config"]["model"],
         "onnx_opset": OPSET,
@@ -229,7 +229,8 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
                 f"INT8 gate {'passed' if quantization['passed'] else 'FAILED'}: image AUROC {quantization['fp32']['image_auroc']:.4f} -> "
                 f"{quantization['int8']['image_auroc']:.4f}, pixel AUROC {quantization['fp32']['pixel_auroc']:.4f} -> "
                 f"{quantization['int8']['pixel_auroc']:.4f}; {len(quantization['float_layers'])} layer(s) kept in float; "
-                f"threshold {fp32_threshold:.4f} -> {threshold['image']:.4f}; {quantization['gate_label_flips']} gate verdict(s) flipped"
+                f"threshold {fp32_threshold:.4f} -> {threshold['image']:.4f}; {quantization['gate_label_flips']} gate verdict(s) flipped; "
+                f"{group_summary(quantization)}"
             )
             manifest["quantization"] = quantization
         if options.target == "jetson" and _tensorrt_device_present():
@@ -276,6 +277,8 @@ def _quantization_report(result_reference, result_final, float_layers: list[str]
         "gate_data": gate.source,
         "fp32": {"image_auroc": result_reference.image_auroc, "pixel_auroc": result_reference.pixel_auroc},
         "int8": {"image_auroc": result_final.image_auroc, "pixel_auroc": result_final.pixel_auroc},
+        # Each anomaly group against the normals, gated on its own: (image AUROC, pixel AUROC) FP32 and INT8.
+        "groups": {name: {"fp32": list(result_reference.groups[name]), "int8": list(values)} for name, values in result_final.groups.items()},
         "drop": result_final.drop_from(result_reference),
         "gate_label_flips": result_final.flips_from(result_reference),
         "gate_images": len(gate.labels),
@@ -295,8 +298,15 @@ def _check_gate(report: dict, options: ConvertOptions) -> None:
         f"INT8 misses the accuracy gate (--max-drop {options.max_drop}): image AUROC {report['fp32']['image_auroc']:.4f} -> "
         f"{report['int8']['image_auroc']:.4f}, pixel AUROC {report['fp32']['pixel_auroc']:.4f} -> {report['int8']['pixel_auroc']:.4f}, "
         f"{report['gate_label_flips']} gate verdict(s) flipped (at most {allowed_flips(report['gate_images'])} allowed), "
-        f"threshold x{report['threshold_rise']:.2f} (at most x{options.max_threshold_rise:g}) "
+        f"threshold x{report['threshold_rise']:.2f} (at most x{options.max_threshold_rise:g}); {group_summary(report)} "
         f"even with {len(report['float_layers'])} layer(s) in float; use --precision fp16, raise --max-drop, or --force to keep it"
+    )
+
+
+def group_summary(report: dict) -> str:
+    """Image / pixel AUROC FP32 -> INT8 of each gate group, as one clause."""
+    return "by group: " + ", ".join(
+        f"{name} {g['fp32'][0]:.4f} / {g['fp32'][1]:.4f} -> {g['int8'][0]:.4f} / {g['int8'][1]:.4f}" for name, g in report["groups"].items()
     )
 
 

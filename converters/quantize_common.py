@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -86,7 +86,8 @@ def allowed_flips(gate_images: int) -> int:
 @dataclass
 class GateMetrics:
     """One artifact on the gate set. ``threshold``: mean + sigma * std of its own scores on the normal images,
-    the rule ``convert`` applies to the bundle, so verdicts compare as they will be deployed."""
+    the rule ``convert`` applies to the bundle, so verdicts compare as they will be deployed. ``groups``: image and
+    pixel AUROC of each anomaly group (blatant and subtle pseudo-anomalies, or real ones) against the normals."""
 
     image_auroc: float
     pixel_auroc: float
@@ -94,14 +95,21 @@ class GateMetrics:
     maps: np.ndarray
     routing: np.ndarray
     threshold: float
+    groups: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def verdicts(self) -> np.ndarray:
         return self.scores > self.threshold
 
     def drop_from(self, reference: "GateMetrics") -> float:
-        """The larger of the image and pixel AUROC drops (positive = worse)."""
-        return max(reference.image_auroc - self.image_auroc, reference.pixel_auroc - self.pixel_auroc)
+        """The largest image or pixel AUROC drop (positive = worse), over the whole gate set and over each anomaly
+        group alone: subtle pseudo-anomalies are gated on their own, or the blatant ones, still perfectly
+        separated, would hide what the subtle ones lost."""
+        drops = [reference.image_auroc - self.image_auroc, reference.pixel_auroc - self.pixel_auroc]
+        for name, (image, pixel) in self.groups.items():
+            if name in reference.groups:
+                drops += [reference.groups[name][0] - image, reference.groups[name][1] - pixel]
+        return max(drops)
 
     def flips_from(self, reference: "GateMetrics") -> int:
         return int((self.verdicts != reference.verdicts).sum())
@@ -127,4 +135,5 @@ def gate_metrics(infer: Callable[[np.ndarray], dict[str, np.ndarray]], gate: Gat
     outputs = infer_in_batches(infer, gate.frames, batch_size)
     scores, maps = outputs["score"].astype(np.float64), outputs["anomaly_map"][:, 0].astype(np.float32)
     threshold = normal_threshold(scores[gate.labels == 0], sigma)[0]
-    return GateMetrics(auroc(gate.labels, scores), auroc(gate.masks, maps), scores, maps, outputs["routing_weights"], threshold)
+    groups = {name: (auroc(gate.labels[i], scores[i]), auroc(gate.masks[i], maps[i])) for name, i in gate.group_indices().items()}
+    return GateMetrics(auroc(gate.labels, scores), auroc(gate.masks, maps), scores, maps, outputs["routing_weights"], threshold, groups)

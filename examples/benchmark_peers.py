@@ -100,7 +100,7 @@ class Peer:
             self.model.fit()
         else:
             self.model.subsample_embedding(coreset)
-        self.model.eval()
+        self.model.eval().requires_grad_(False)  # nothing trains; the tracer refuses tensors that want gradients
         self.train_seconds = time.perf_counter() - started
 
     @torch.no_grad()

@@ -81,13 +81,21 @@ def load_detector(path: str | Path):
     from amoe_sdk.models.detector import AnomalyMoE
 
     payload = read_checkpoint(path)
-    config = AmoeConfig.from_dict(payload["config"], f"checkpoint {payload['path']}")
+    config_data = payload["config"]
+    state = payload["state_dict"]
+    if "level_weights" not in state:
+        # Written before level weights were measured per product: they were the config's, fixed.
+        config_data = copy.deepcopy(config_data)
+        config_data["model"]["postprocess"].setdefault("level_weighting", "fixed")
+    config = AmoeConfig.from_dict(config_data, f"checkpoint {payload['path']}")
     build_config = copy.deepcopy(config.model)
     build_config.encoder.random_weights = True  # the encoder's weights are in the state dict
     model = AnomalyMoE(build_config)
     model.config = config.model
+    if "level_weights" not in state:
+        state = {**state, "level_weights": model.level_weights.clone()}
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {payload['path']} does not match its own config: {exc}") from exc
     return model.eval(), payload

@@ -25,6 +25,8 @@ class EncoderConfig:
     ``name``: ``lite0`` (EfficientNet-Lite0, ImageNet weights embedded in the package) or ``dinov2_vits14_reg`` /
     ``dinov2_vitb14_reg`` (timm DINOv2 with registers, from the local file ``weights``).
     ``taps``: stage indices (Lite0) or block indices (ViT) whose outputs are resampled to one ``grid_size`` grid.
+    ``tap_resample``: how a tap finer than the grid reaches it: ``pool`` (average) or ``unshuffle`` (each cell's
+    positions side by side as channels, keeping the detail a thin defect leaves; Lite0 only).
     ``random_weights``: skip loading weights; for tests only, never the default.
     """
 
@@ -32,6 +34,7 @@ class EncoderConfig:
     weights: str | None = None
     taps: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     grid_size: int = 16
+    tap_resample: str = "pool"
     random_weights: bool = False
 
 
@@ -96,12 +99,17 @@ class PostprocessConfig:
     ``norm_high_quantile`` of its values on normal validation images. The fused map is upsampled to the input
     size, Gaussian-blurred, and the image score is the mean of its top ``top_percent`` % pixels.
 
-    ``level_weights`` (patch, component, global) weigh the per-level maps in the fused map. They are fixed, not
-    routed: the router is trained on normal images only, so it cannot know which level will see a defect, and
-    each level's map is already on the same normalised scale.
+    ``level_weights`` (patch, component, global) weigh the per-level maps in the fused map. They are not routed:
+    the router is trained on normal images only, so it cannot know which level will see a defect. With
+    ``level_weighting: pseudo`` they are measured at the end of training instead: each level's weight is its
+    ``level_weights`` share times (AUROC - 0.5)^2 of that level alone on the product's held-out normal images
+    against pseudo-anomalies made from them (blatant and subtle cut-paste and Perlin blemishes, region swaps),
+    divided by the spread of its score on those normal images, so that a level that cannot tell this product's
+    normal images from anomalous ones does not add its noise to the map. ``fixed`` keeps ``level_weights``.
     """
 
     level_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    level_weighting: str = "pseudo"
     norm_low_quantile: float = 0.5
     norm_high_quantile: float = 0.999
     blur_kernel: int = 5
@@ -407,6 +415,10 @@ def validate_config(config: AmoeConfig, source: str = "config", flags: dict[str,
         raise ConfigError(f"{source}: model.postprocess.blur_kernel={model.postprocess.blur_kernel} must be odd")
     if not model.postprocess.norm_low_quantile < model.postprocess.norm_high_quantile:
         raise ConfigError(f"{source}: model.postprocess.norm_low_quantile must be below norm_high_quantile")
+    if model.postprocess.level_weighting not in ("pseudo", "fixed"):
+        raise ConfigError(f"{source}: model.postprocess.level_weighting={model.postprocess.level_weighting!r} must be 'pseudo' or 'fixed'")
+    if model.encoder.tap_resample not in ("pool", "unshuffle"):
+        raise ConfigError(f"{source}: model.encoder.tap_resample={model.encoder.tap_resample!r} must be 'pool' or 'unshuffle'")
     if model.global_.activation not in ("relu", "leaky_relu"):
         raise ConfigError(f"{source}: model.global.activation={model.global_.activation!r} must be 'relu' or 'leaky_relu'")
     level_weights = model.postprocess.level_weights

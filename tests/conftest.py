@@ -28,6 +28,8 @@ TINY_MODEL = {
     "train.batch_size": 4,
     "train.min_val_images": 4,
     "train.warmup_steps": 2,
+    # The tiny runs' tests were written for fixed, equal level shares; tests/test_training.py measures them.
+    "model.postprocess.level_weighting": "fixed",
 }
 
 
@@ -54,6 +56,17 @@ def tiny_run(sample_root, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     train(sample_root / "washer", out, tiny_config(**{"train.steps": 6, "train.checkpoint_every": 3}), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def measured_run(sample_root, tmp_path_factory):
+    """Like ``tiny_run``, with the level shares measured at the end of training (the default config's way)."""
+    from amoe_sdk.training.trainer import train
+
+    out = tmp_path_factory.mktemp("measured-run")
+    config = tiny_config(**{"train.steps": 6, "model.postprocess.level_weighting": "pseudo"})
+    train(sample_root / "washer", out, config, show_progress=False)
     return out
 
 

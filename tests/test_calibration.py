@@ -58,10 +58,31 @@ def test_gate_set_labels_normals_and_anomalies(sample_root):
     rng = np.random.default_rng(0)
     normals = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     gate = gate_set(normals, 32)
-    assert gate.labels.tolist() == [0] * 5 + [1] * 5
+    assert gate.labels.tolist() == [0] * 5 + [1] * 10
     assert not gate.masks[:5].any() and gate.masks[5:].any(axis=(1, 2)).all()
+    assert gate.groups.tolist() == ["normal"] * 5 + ["blatant"] * 5 + ["subtle"] * 5
+    assert {name: len(i) for name, i in gate.group_indices().items()} == {"blatant": 10, "subtle": 10}
     real = gate_set(normals, 32, val_data=sample_root / "washer")
-    assert real.labels.sum() == 6 and "anomalous images" in real.source
+    assert real.labels.sum() == 6 and "anomalous images" in real.source and set(real.group_indices()) == {"real"}
+
+
+def test_subtle_pseudo_anomalies_change_their_region_by_the_normal_variation(sample_root):
+    from amoe_sdk.calibration.data import load_frames
+    from amoe_sdk.calibration.pseudo_anomalies import MIN_SUBTLE_AMPLITUDE, normal_variation, synthesise_subtle
+
+    for category in ("weave", "leather", "washer"):
+        normals = load_frames(sorted((sample_root / category / "train" / "good").glob("*.png")), 128)
+        images, masks, amplitude = synthesise_subtle(normals, 8, seed=0)
+        assert amplitude == max(normal_variation(normals), MIN_SUBTLE_AMPLITUDE)
+        blatant, blatant_masks = synthesise(normals, 8, seed=0)
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            changed = np.any(image != normals[i % len(normals)], axis=-1)
+            assert mask.any() and np.array_equal(mask, changed)  # the mask is exactly what changed
+            change = np.abs(image.astype(float) - normals[i % len(normals)].astype(float)).max(axis=-1)[mask].mean()
+            assert 0.2 * amplitude <= change <= 2.0 * amplitude, (category, i, change, amplitude)
+        subtle_change = np.mean([np.abs(a.astype(float) - normals[i % 8].astype(float))[m].mean() for i, (a, m) in enumerate(zip(images, masks))])
+        blatant_change = np.mean([np.abs(a.astype(float) - normals[i % 8].astype(float))[m].mean() for i, (a, m) in enumerate(zip(blatant, blatant_masks))])
+        assert subtle_change < 0.6 * blatant_change, category
 
 
 def test_tensorrt_cache_has_the_header_and_one_scale_per_activation(tmp_path):

@@ -72,8 +72,10 @@ def _calibration(tiny_run):
 
 
 def _fix_router(model, bias):
-    """Make the router ignore the image: zero weights, the given logits as bias."""
+    """Make the router ignore the image: zero weights, the given logits as bias; and every level count equally (the
+    run's measured shares may give a level none, and folding then drops its experts)."""
     last = model.router.mlp.fc2
+    model.level_weights.fill_(1.0 / 3)
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor(bias))

@@ -24,6 +24,31 @@ def test_layer_groups_and_the_float_from_the_start_set():
     assert always_float("/detector/experts.2/head/MatMul")  # a folded detector's patch expert
 
 
+def test_the_subtle_gate_fails_a_model_that_loses_subtle_pseudo_anomalies_while_blatant_ones_pass():
+    # FP32 and INT8 both separate the blatant pseudo-anomalies perfectly; INT8 lets one of 20 subtle ones fall below
+    # 6 of the 20 normals. Over the whole gate set the blatant ones dilute that drop below --max-drop; alone, it is not.
+    rng = np.random.default_rng(0)
+    normal, blatant = rng.uniform(0.2, 0.4, 20), rng.uniform(2.0, 3.0, 20)
+    subtle = rng.uniform(0.5, 0.7, 20)
+    lossy = subtle.copy()
+    lossy[0] = np.sort(normal)[-6] - 1e-3
+    labels = np.r_[np.zeros(20), np.ones(40)]
+
+    def metrics(subtle_scores, with_groups=True):
+        from amoe_sdk.evaluation.metrics import auroc
+
+        scores = np.r_[normal, blatant, subtle_scores]
+        groups = {"blatant": (auroc(labels[:40], scores[:40]), 1.0), "subtle": (auroc(np.r_[np.zeros(20), np.ones(20)], np.r_[normal, subtle_scores]), 1.0)}
+        threshold = scores[:20].mean() + 3 * scores[:20].std(ddof=1)
+        return GateMetrics(auroc(labels, scores), 1.0, scores, np.zeros((60, 2, 2)), np.zeros((60, 3)), threshold, groups if with_groups else {})
+
+    fp32, int8 = metrics(subtle), metrics(lossy)
+    assert int8.groups["blatant"][0] == fp32.groups["blatant"][0] == 1.0
+    assert fp32.image_auroc - int8.image_auroc < 0.01 < fp32.groups["subtle"][0] - int8.groups["subtle"][0]
+    assert not int8.passes(fp32, 0.01)
+    assert metrics(lossy, False).passes(metrics(subtle, False), 0.01)  # one gate over everything: it would pass
+
+
 def test_squeezed_scores_keep_their_auroc_but_fail_the_gate_on_verdict_flips():
     # The failure NNCF's defaults produced on kit: INT8 anomalies pinned just above the normal maximum. Ranks
     # (AUROC) survive; at the INT8 model's own threshold every anomaly is missed.

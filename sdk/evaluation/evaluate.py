@@ -6,6 +6,7 @@ Maps are compared with the ground truth at the model's input size (masks resized
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,28 @@ from amoe_sdk.data.images import read_image, read_mask, resize_image
 from amoe_sdk.data.layouts import Dataset
 from amoe_sdk.evaluation.metrics import aupro, auroc, f1_max
 from amoe_sdk.evaluation.overlays import side_by_side, write_png
+from amoe_sdk.models.detector import LEVELS
 from amoe_sdk.outputs import atomic_write_text
 
 
+@dataclass
+class Predictions:
+    """A detector on the test samples: ``scores`` [N], ``maps`` [N, S, S], the resized ``images``, routing
+    ``weights`` [N, E], and each level's own map and score (``level_maps`` [N, L, S, S], ``level_scores`` [N, L]),
+    made as the fused map is made (normalised, routed within the level, upsampled, blurred, top-percent)."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    images: list[np.ndarray]
+    weights: np.ndarray
+    level_scores: np.ndarray
+    level_maps: np.ndarray
+
+
 @torch.no_grad()
-def predict(model, samples, batch_size: int = 8, show_progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
-    """Run the detector -> (scores [N], maps [N, S, S], resized images, routing weights [N, E])."""
+def predict(model, samples, batch_size: int = 8, show_progress: bool = True) -> Predictions:
     size = model.config.input_size
-    scores, maps, images, weights = [], [], [], []
+    scores, maps, images, weights, level_scores, level_maps = [], [], [], [], [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="predict", unit="batch", leave=False, disable=not show_progress):
         chunk = [resize_image(read_image(s.image_path), size) for s in samples[start : start + batch_size]]
         batch = torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2).float()
@@ -34,7 +49,12 @@ def predict(model, samples, batch_size: int = 8, show_progress: bool = True) -> 
         maps.append(out.anomaly_map[:, 0].numpy())
         weights.append(out.routing_weights.numpy())
         images.extend(chunk)
-    return np.concatenate(scores), np.concatenate(maps), images, np.concatenate(weights)
+        per_level = model.level_maps(model.normalise_maps(out.expert_maps), out.router_logits, out.routing_weights)  # [B, L, G, G]
+        full, score = model.postprocess(per_level.flatten(0, 1).unsqueeze(1))
+        level_maps.append(full.view(len(chunk), -1, size, size).numpy())
+        level_scores.append(score.view(len(chunk), -1).numpy())
+    return Predictions(np.concatenate(scores), np.concatenate(maps), images, np.concatenate(weights),
+                       np.concatenate(level_scores), np.concatenate(level_maps))
 
 
 def load_masks(samples, size: int) -> np.ndarray:
@@ -84,10 +104,17 @@ def score_predictions(dataset: Dataset, scores: np.ndarray, maps: np.ndarray) ->
 def evaluate(model, dataset: Dataset, save_images: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset.test``; the JSON-ready dict the CLI writes."""
     samples = dataset.test
-    scores, maps, images, weights = predict(model, samples, show_progress=show_progress)
+    found = predict(model, samples, show_progress=show_progress)
+    scores, maps = found.scores, found.maps
+    present = [level for level, count in zip(LEVELS, model.level_matrix.sum(dim=1).tolist()) if count > 0]
     result = {
         **score_predictions(dataset, scores, maps),
-        "expert_selected_share": (weights > 0).mean(axis=0).tolist(),
+        # Each level alone, so that a loss can be traced to the level that should have seen it.
+        "per_level": {
+            level: _without_f1(score_predictions(dataset, found.level_scores[:, LEVELS.index(level)], found.level_maps[:, LEVELS.index(level)]))
+            for level in present
+        },
+        "expert_selected_share": (found.weights > 0).mean(axis=0).tolist(),
         "scores": [{"image": str(s.image_path), "label": int(s.label), "defect": s.defect_type, "score": float(v)} for s, v in zip(samples, scores)],
     }
     if save_images:
@@ -95,11 +122,19 @@ def evaluate(model, dataset: Dataset, save_images: str | Path | None = None, sho
         vmax = 2.0 * threshold if np.isfinite(threshold) and threshold > 0 else float(maps.max())
         root = Path(save_images)
         masks = load_masks(samples, model.config.input_size)
-        for sample, image, mask, amap, score in zip(samples, images, masks, maps, scores):
+        for sample, image, mask, amap, score in zip(samples, found.images, masks, maps, scores):
             verdict = "ANOMALY" if score >= threshold else "normal"
             caption = f"{sample.defect_type}/{sample.image_path.name}  score {score:.3f}  ({verdict} at {threshold:.3f})"
             write_png(root / sample.defect_type / f"{sample.image_path.stem}.png", side_by_side(image, mask, amap, vmax, caption))
     return result
+
+
+def _without_f1(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A level's metrics: AUROCs and AUPRO, per defect too (F1 and its threshold mean little for a single level)."""
+    drop = ("f1_max", "threshold", "num_images", "num_anomalous")
+    kept = {k: v for k, v in metrics.items() if k not in drop and k != "per_defect"}
+    kept["per_defect"] = {d: {k: v for k, v in m.items() if k not in drop} for d, m in metrics["per_defect"].items()}
+    return kept
 
 
 def format_table(result: dict[str, Any], title: str = "") -> str:
@@ -115,6 +150,13 @@ def format_table(result: dict[str, Any], title: str = "") -> str:
     rows.append("-" * len(header))
     rows.append(row("all", result["num_images"], result))
     rows.append(f"threshold at F1-max: {result['threshold']:.4f}")
+    levels = result.get("per_level", {})
+    if levels:
+        defects = list(result["per_defect"])
+        rows.append("")
+        rows.append(f"{'image AUROC by level':<20}" + "".join(f"{d[:10]:>11}" for d in defects) + f"{'all':>8}")
+        for level, metrics in levels.items():
+            rows.append(f"{level:<20}" + "".join(f"{metrics['per_defect'][d]['image_auroc']:>11.4f}" for d in defects) + f"{metrics['image_auroc']:>8.4f}")
     return "\n".join(rows)
 
 

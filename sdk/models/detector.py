@@ -96,7 +96,9 @@ class AnomalyMoE(nn.Module):
         self.register_buffer("level_matrix", level_matrix, persistent=False)  # [L, E]
         present = level_matrix.sum(dim=1) > 0
         level_weights = torch.tensor(config.postprocess.level_weights, dtype=torch.float32) * present
-        self.register_buffer("level_weights", level_weights / level_weights.sum().clamp_min(FP16_SAFE_EPS), persistent=False)
+        # The levels' shares of the fused map [L]: the config's, or measured per product at the end of training
+        # (``postprocess.level_weighting``), so they travel in the state dict.
+        self.register_buffer("level_weights", level_weights / level_weights.sum().clamp_min(FP16_SAFE_EPS))
         # Per-expert map normalisation, measured on normal validation images after training.
         self.register_buffer("map_low", torch.zeros(num_experts))
         self.register_buffer("map_high", torch.ones(num_experts))
@@ -175,7 +177,7 @@ class AnomalyMoE(nn.Module):
 
     def fusion_weights(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """How much each expert's normalised map counts in the fused map: [B, E] logits and weights -> [B, E]:
-        its weight within its level (``level_fusion``) times the level's fixed ``level_weights`` share."""
+        its weight within its level (``level_fusion``) times the level's ``level_weights`` share."""
         return (self.level_weights.view(1, -1, 1) * self.level_fusion(logits, weights)).sum(dim=1)
 
     def level_maps(self, normalised_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,22 @@ class Preprocess(nn.Module):
         return (rgb - self.mean) / self.std
 
 
+def unshuffle_to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C * r * r, grid, grid] with r = H / grid: the r x r positions of each cell side by side
+    as channels (space to depth), so a cell keeps its fine detail instead of averaging it away; bilinear when H is
+    not a whole multiple of the grid."""
+    h = int(x.shape[-2])
+    if h > grid and h % grid == 0:
+        return F.pixel_unshuffle(x, h // grid)
+    return resample_to_grid(x, grid)
+
+
+def unshuffle_factor(input_size: int, stride: int, grid: int) -> int:
+    """r of ``unshuffle_to_grid`` for a feature map at ``stride`` of an ``input_size`` image."""
+    size = input_size // stride
+    return size // grid if size > grid and size % grid == 0 else 1
+
+
 def resample_to_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, C, grid, grid]: average pooling to shrink by a whole factor, bilinear otherwise."""
     # int(): static sizes, so that an exporter records constants (pooling kernels must be constant in ONNX).
@@ -103,10 +119,12 @@ class Lite0Encoder(nn.Module):
     """EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) with taps after the stages in ``config.taps``.
 
     Stage outputs at 256 px: 0: 16 ch /2, 1: 24 ch /4, 2: 40 ch /8, 3: 80 ch /16, 4: 112 ch /16, 5: 192 ch /32,
-    6: 320 ch /32. The descriptor is the global average of stage 6.
+    6: 320 ch /32. The descriptor is the global average of stage 6. ``config.tap_resample``: ``pool`` averages a
+    fine stage down to the grid; ``unshuffle`` keeps each cell's r x r positions as channels.
     """
 
     STAGE_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
+    STAGE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
 
     def __init__(self, config: EncoderConfig, input_size: int):
         super().__init__()
@@ -128,7 +146,9 @@ class Lite0Encoder(nn.Module):
         self.taps = sorted(config.taps)
         self.grid_size = config.grid_size
         self.preprocess = Preprocess((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-        self.tap_channels = [self.STAGE_CHANNELS[t] for t in self.taps]
+        self.unshuffle = config.tap_resample == "unshuffle"
+        factors = [unshuffle_factor(input_size, self.STAGE_STRIDES[t], self.grid_size) if self.unshuffle else 1 for t in self.taps]
+        self.tap_channels = [self.STAGE_CHANNELS[t] * r * r for t, r in zip(self.taps, factors)]
         self.descriptor_dim = self.STAGE_CHANNELS[-1]
 
     def forward(self, images_bgr: torch.Tensor, with_descriptor: bool = True) -> EncoderFeatures:
@@ -138,7 +158,7 @@ class Lite0Encoder(nn.Module):
         for index, stage in enumerate(self.stages[: last + 1]):
             x = stage(x)
             if index in self.taps:
-                taps.append(resample_to_grid(x, self.grid_size))
+                taps.append(unshuffle_to_grid(x, self.grid_size) if self.unshuffle else resample_to_grid(x, self.grid_size))
         return EncoderFeatures(torch.cat(taps, dim=1), x.mean(dim=(2, 3)) if with_descriptor else None)
 
 

@@ -219,6 +219,9 @@ def distill(
         pseudo_targets, _ = teacher_pass(teacher, _resize_batch(pseudo, t_size), desc="teacher on pseudo-anomalies")
 
     student = AnomalyMoE(config.model)
+    # The teacher's measured level shares, over the levels the student has: their fused maps are made alike.
+    shares = teacher.level_weights * (student.level_matrix.sum(dim=1) > 0)
+    student.level_weights.copy_(shares / shares.sum().clamp_min(1e-12))
     normal_features = encode_all(student, normals, desc="student encode train")
     pseudo_features = encode_all(student, pseudo, desc="student encode pseudo") if pseudo_count else None
     val_features = encode_all(student, val_images, desc="student encode val")

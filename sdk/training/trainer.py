@@ -25,6 +25,7 @@ from amoe_sdk.models.components import kmeans
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
 from amoe_sdk.training.data import load_images, split_train_val
+from amoe_sdk.training.fusion import calibrate_level_weights
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
 from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
 
@@ -225,6 +226,10 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
 
     model.eval()
     calibration = calibrate_normalisation(model, val_features, val_images, config)
+    if config.model.postprocess.level_weighting == "pseudo":
+        fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, tc.seed)
+        # The validation scores again, with the measured shares.
+        calibration = {**calibrate_normalisation(model, val_features, val_images, config, refit=False), "fusion": fusion}
     usage = _routing_usage(model, train_features)
     final = out_dir / FINAL_NAME
     save(final, tc.steps, {"calibration": calibration, "routing_usage": usage, "train_seconds": time.time() - started})

@@ -1,0 +1,65 @@
+"""How much each level counts in the fused map, measured per product at the end of training.
+
+The router is trained on normal images only, so it cannot know which level will see a defect; with equal fixed
+shares, a level that cannot tell this product's normal images from anomalous ones (the component level on a
+texture, the global level under pose and lighting variation) adds only noise, and the noise hides what the other
+levels see. So each level is scored alone on the held-out normal images against pseudo-anomalies made from
+them, and its share follows that score (the measurements are in the README, "The detector").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from amoe_sdk.calibration.pseudo_anomalies import PSEUDO_KINDS, synthesise, synthesise_subtle
+from amoe_sdk.evaluation.metrics import auroc
+from amoe_sdk.models.detector import LEVELS, AnomalyMoE
+
+
+@torch.no_grad()
+def level_scores(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Each level's own image score (its routed map, upsampled, blurred, top-percent mean): uint8 [N, 3, S, S] ->
+    [N, L]."""
+    scores = []
+    for start in range(0, len(images), batch_size):
+        out = model(images[start : start + batch_size].float())
+        per_level = model.level_maps(model.normalise_maps(out.expert_maps), out.router_logits, out.routing_weights)
+        _, score = model.postprocess(per_level.flatten(0, 1).unsqueeze(1))
+        scores.append(score.view(len(per_level), -1).numpy())
+    return np.concatenate(scores)
+
+
+@torch.no_grad()
+def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: list[float], seed: int) -> dict:
+    """Set ``model.level_weights`` from each level's image AUROC on held-out normal images (uint8 [N, 3, S, S])
+    against 2N blatant pseudo-anomalies (cut-paste, Perlin, region swaps) and N subtle ones made from them:
+    share_l = base_l * max(AUROC_l - 0.5, 0)^2 / std_l, normalised, with std_l the spread of the level's image
+    score on the normal images: a level counts by how well it separates and in units of its own noise. The square
+    leans towards the level that separates best without silencing one that helps (on pins the component level
+    still adds to the patch level). Where no level beats chance, the base shares stay. -> the record the
+    checkpoint keeps."""
+    model.eval()
+    normals = val_images.permute(0, 2, 3, 1).numpy()
+    blatant, _ = synthesise(normals, 2 * len(normals), seed=seed, kinds=PSEUDO_KINDS)
+    subtle, _, amplitude = synthesise_subtle(normals, len(normals), seed=seed)
+    anomalies = torch.from_numpy(np.concatenate([blatant, subtle])).permute(0, 3, 1, 2).contiguous()
+    scores = np.concatenate([level_scores(model, val_images), level_scores(model, anomalies)])
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(anomalies))]
+    present = model.level_matrix.sum(dim=1) > 0
+    separation = np.array([auroc(labels, scores[:, i]) if present[i] else 0.5 for i in range(len(LEVELS))])
+    noise = scores[: len(normals)].std(axis=0, ddof=1) if len(normals) > 1 else np.ones(len(LEVELS))
+    noise = np.maximum(noise, 0.1 * np.median(noise[present.numpy()]) + 1e-12)  # a near-constant level cannot take it all
+    shares = np.asarray(base, dtype=np.float64) * present.numpy() * np.maximum(separation - 0.5, 0.0) ** 2 / noise
+    fallback = shares.sum() <= 0
+    if fallback:
+        shares = np.asarray(base, dtype=np.float64) * present.numpy()
+    model.level_weights.copy_(torch.tensor(shares / shares.sum(), dtype=torch.float32))
+    return {
+        "rule": "base share x max(AUROC - 0.5, 0)^2 / normal score std of each level alone on held-out normals vs pseudo-anomalies",
+        "pseudo_auroc": {level: float(separation[i]) for i, level in enumerate(LEVELS) if present[i]},
+        "normal_score_std": {level: float(noise[i]) for i, level in enumerate(LEVELS) if present[i]},
+        "level_weights": {level: float(model.level_weights[i]) for i, level in enumerate(LEVELS)},
+        "images": {"normal": len(normals), "blatant": len(blatant), "subtle": len(subtle), "subtle_amplitude": amplitude},
+        "fallback_to_base": bool(fallback),
+    }
