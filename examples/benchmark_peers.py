@@ -2,7 +2,8 @@
 metric implementation (ours), one table.
 
 Usage: python examples/benchmark_peers.py DATA_DIR [--categories kit pins ...] [--runs runs] [--bundles bundles/peers]
-                                          [--threads 2] [--skip-patchcore] [--retrain] [--json-out peers.json]
+                                          [--threads 2] [--skip-patchcore | --skip-peers] [--retrain] [--int8] [--student]
+                                          [--json-out peers.json]
 
 Needs the ``peers`` extra (anomalib; it keeps our torch): pip install -e ".[peers]"
 
@@ -17,6 +18,10 @@ AUROC and AUPRO (masks compared at 256 px), overall and per defect type. Trainin
 machine: ours includes encoding and calibration; the peers' includes feature extraction and the Gaussian fit or
 the coreset. Latency is end to end at batch 1 with 2 threads on each model's OpenVINO FP32 export: resize of the
 frame, inference, the map back at the frame's size (ours through ``EdgeDetector.predict``).
+
+``--int8`` adds our INT8 OpenVINO bundle (``amoe convert --target intel --precision int8``, through its accuracy
+gate), ``--student`` the student ``amoe distill`` makes from our run with its defaults (RUNS/<category>-student),
+each scored through ``EdgeDetector`` on the same test images.
 """
 
 import argparse
@@ -157,6 +162,19 @@ def peer_step(compiled):
     return step
 
 
+def bundle_result(bundle: Path, category: Path, threads: int, train_seconds: float) -> dict:
+    """A bundle scored through ``EdgeDetector`` on the category's test images, and its end-to-end latency."""
+    dataset = read_dataset(category, require_test=True)
+    frames = [read_image(s.image_path) for s in dataset.test]
+    detector = EdgeDetector(bundle, threads=threads)
+    predictions = [detector.predict(frame) for frame in frames]
+    maps = np.stack([cv2.resize(p.anomaly_map, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR) for p in predictions])
+    result = score_predictions(dataset, np.array([p.score for p in predictions]), maps)
+    p50, p99 = end_to_end_ms(lambda f: detector.predict(f).score, frames)
+    detector.close()
+    return {**result, "train_seconds": train_seconds, "p50_ms": p50, "p99_ms": p99}
+
+
 def ours(category: Path, runs: Path, bundles: Path, retrain: bool, threads: int) -> dict:
     from amoe_sdk.training.trainer import train
 
@@ -166,11 +184,32 @@ def ours(category: Path, runs: Path, bundles: Path, retrain: bool, threads: int)
     model, payload = load_detector(run)
     result = evaluate(model, read_dataset(category, require_test=True), show_progress=False)
     bundle = convert(run, bundles / f"{category.name}-ours-intel", ConvertOptions(target="intel"))
-    detector = EdgeDetector(bundle, threads=threads)
-    frames = [read_image(s.image_path) for s in read_dataset(category, require_test=True).test]
-    p50, p99 = end_to_end_ms(lambda f: detector.predict(f).score, frames)
-    detector.close()
-    return {**result, "train_seconds": read_checkpoint(run)["train_seconds"], "p50_ms": p50, "p99_ms": p99}
+    timed = bundle_result(bundle, category, threads, read_checkpoint(run)["train_seconds"])
+    return {**result, "train_seconds": timed["train_seconds"], "p50_ms": timed["p50_ms"], "p99_ms": timed["p99_ms"]}
+
+
+def ours_int8(category: Path, runs: Path, bundles: Path, threads: int) -> dict:
+    from amoe_sdk.errors import ConversionError
+
+    run = runs / category.name
+    try:
+        bundle = convert(run, bundles / f"{category.name}-ours-intel-int8", ConvertOptions(target="intel", precision="int8"))
+    except ConversionError as exc:  # the accuracy gate refused: a result too, printed as such
+        return {"refused": str(exc)}
+    return bundle_result(bundle, category, threads, read_checkpoint(run)["train_seconds"])
+
+
+def student(category: Path, runs: Path, bundles: Path, threads: int) -> dict:
+    from amoe_sdk.training.distill import distill
+
+    out = runs / f"{category.name}-student"
+    if not (out / "model.pt").is_file():
+        distill(runs / category.name, category, out, resume=False)
+    model, _ = load_detector(out)
+    result = evaluate(model, read_dataset(category, require_test=True), show_progress=False)
+    bundle = convert(out, bundles / f"{category.name}-student-intel", ConvertOptions(target="intel"))
+    timed = bundle_result(bundle, category, threads, read_checkpoint(out)["train_seconds"])
+    return {**result, "train_seconds": timed["train_seconds"], "p50_ms": timed["p50_ms"], "p99_ms": timed["p99_ms"]}
 
 
 def peer(kind: str, category: Path, bundles: Path, coreset: float) -> dict:
@@ -193,7 +232,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--coreset", type=float, default=0.1, help="PatchCore coreset sampling ratio (default 0.1)")
     parser.add_argument("--skip-patchcore", action="store_true", help="PatchCore's coreset takes minutes per category")
+    parser.add_argument("--skip-peers", action="store_true", help="our models only (the peers' figures do not change with ours)")
     parser.add_argument("--retrain", action="store_true", help="train our detector again even where a finished run exists")
+    parser.add_argument("--int8", action="store_true", help="add our INT8 OpenVINO bundle (through the accuracy gate)")
+    parser.add_argument("--student", action="store_true", help="add the student amoe distill makes from our run")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     try:
@@ -203,15 +245,19 @@ def main() -> int:
         return 2
     torch.set_num_threads(args.threads)
     names = args.categories or sorted(p.name for p in args.data.iterdir() if (p / "train" / "good").is_dir())
-    kinds = ["padim"] + ([] if args.skip_patchcore else ["patchcore"])
+    kinds = [] if args.skip_peers else ["padim"] + ([] if args.skip_patchcore else ["patchcore"])
     results: dict[str, dict[str, dict]] = {}
     for name in names:
         category = args.data / name
         results[name] = {"ours": ours(category, args.runs, args.bundles, args.retrain, args.threads)}
+        if args.int8:
+            results[name]["ours-int8"] = ours_int8(category, args.runs, args.bundles, args.threads)
+        if args.student:
+            results[name]["student"] = student(category, args.runs, args.bundles, args.threads)
         for kind in kinds:
             results[name][kind] = peer(kind, category, args.bundles, args.coreset)
         print(f"done {name}", file=sys.stderr, flush=True)
-    print_tables(results, ["ours"] + kinds)
+    print_tables(results, ["ours"] + ["ours-int8"] * args.int8 + ["student"] * args.student + kinds)
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=1, default=float))
     return 0
@@ -223,15 +269,21 @@ def print_tables(results: dict, models: list[str]) -> None:
     for name, by_model in results.items():
         for model in models:
             r = by_model[model]
+            if "refused" in r:
+                print(f"| {name} | {model} | refused by the INT8 gate: {r['refused'][:120]} | | | | |")
+                continue
             print(f"| {name} | {model} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
                   f"{r['train_seconds']:.0f} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} |")
-    means = {m: np.mean([results[n][m]["image_auroc"] for n in results]) for m in models}
+    means = {m: np.mean([results[n][m].get("image_auroc", np.nan) for n in results]) for m in models}
     print("\nmean image AUROC: " + ", ".join(f"{m} {v:.3f}" for m, v in means.items()))
     print("\n| category | defect | " + " | ".join(f"{m} image / pixel" for m in models) + " |")
     print("|---|---|" + "---|" * len(models))
     for name, by_model in results.items():
         for defect in by_model[models[0]]["per_defect"]:
-            cells = [f"{by_model[m]['per_defect'][defect]['image_auroc']:.3f} / {by_model[m]['per_defect'][defect]['pixel_auroc']:.3f}" for m in models]
+            cells = [
+                f"{by_model[m]['per_defect'][defect]['image_auroc']:.3f} / {by_model[m]['per_defect'][defect]['pixel_auroc']:.3f}"
+                if "per_defect" in by_model[m] else "-" for m in models
+            ]
             print(f"| {name} | {defect} | " + " | ".join(cells) + " |")
 
 

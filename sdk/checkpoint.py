@@ -87,6 +87,10 @@ def load_detector(path: str | Path):
         # Written before level weights were measured per product: they were the config's, fixed.
         config_data = copy.deepcopy(config_data)
         config_data["model"]["postprocess"].setdefault("level_weighting", "fixed")
+    if "patch_experts.0.head.weight" in state and "patch_experts.0.residual_mean" not in state:
+        # Written before residual whitening: the patch experts' maps were the cosine maps alone.
+        config_data = copy.deepcopy(config_data)
+        config_data["model"]["patch"].setdefault("residual_whitening", "off")
     config = AmoeConfig.from_dict(config_data, f"checkpoint {payload['path']}")
     build_config = copy.deepcopy(config.model)
     build_config.encoder.random_weights = True  # the encoder's weights are in the state dict

@@ -40,7 +40,14 @@ class EncoderConfig:
 
 @dataclass
 class PatchExpertConfig:
-    """Patch experts: noisy MLP bottleneck then linear-attention blocks reconstructing the encoder taps."""
+    """Patch experts: noisy MLP bottleneck then linear-attention blocks reconstructing the encoder taps.
+
+    ``residual_whitening: auto`` fits, after training, each position's and channel's mean and spread of the
+    reconstruction residual on the normal training images, and adds the whitened squared residual to the cosine
+    map where it raises the patch level's separation of held-out normals from pseudo-anomalies by at least a
+    point (it does on textures and aligned trays, where a subtle defect changes a feature's size more than its
+    direction; it does not on objects whose pose varies). ``off``: the cosine map alone.
+    """
 
     num_experts: int = 2
     embed_dim: int = 160
@@ -49,6 +56,7 @@ class PatchExpertConfig:
     depth: int = 2
     num_heads: int = 4
     mlp_ratio: float = 2.0
+    residual_whitening: str = "auto"
 
 
 @dataclass
@@ -415,6 +423,8 @@ def validate_config(config: AmoeConfig, source: str = "config", flags: dict[str,
         raise ConfigError(f"{source}: model.postprocess.blur_kernel={model.postprocess.blur_kernel} must be odd")
     if not model.postprocess.norm_low_quantile < model.postprocess.norm_high_quantile:
         raise ConfigError(f"{source}: model.postprocess.norm_low_quantile must be below norm_high_quantile")
+    if model.patch.residual_whitening not in ("auto", "off"):
+        raise ConfigError(f"{source}: model.patch.residual_whitening={model.patch.residual_whitening!r} must be 'auto' or 'off'")
     if model.postprocess.level_weighting not in ("pseudo", "fixed"):
         raise ConfigError(f"{source}: model.postprocess.level_weighting={model.postprocess.level_weighting!r} must be 'pseudo' or 'fixed'")
     if model.encoder.tap_resample not in ("pool", "unshuffle"):

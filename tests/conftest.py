@@ -28,8 +28,10 @@ TINY_MODEL = {
     "train.batch_size": 4,
     "train.min_val_images": 4,
     "train.warmup_steps": 2,
-    # The tiny runs' tests were written for fixed, equal level shares; tests/test_training.py measures them.
+    # The tiny runs' tests were written for fixed, equal level shares and cosine patch maps; the measured run
+    # below has both as the default config does (tests/test_training.py, test_export.py).
     "model.postprocess.level_weighting": "fixed",
+    "model.patch.residual_whitening": "off",
 }
 
 
@@ -61,11 +63,12 @@ def tiny_run(sample_root, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def measured_run(sample_root, tmp_path_factory):
-    """Like ``tiny_run``, with the level shares measured at the end of training (the default config's way)."""
+    """Like ``tiny_run``, with the level shares and the patch experts' whitening measured at the end of training
+    (the default config's way)."""
     from amoe_sdk.training.trainer import train
 
     out = tmp_path_factory.mktemp("measured-run")
-    config = tiny_config(**{"train.steps": 6, "model.postprocess.level_weighting": "pseudo"})
+    config = tiny_config(**{"train.steps": 6, "model.postprocess.level_weighting": "pseudo", "model.patch.residual_whitening": "auto"})
     train(sample_root / "washer", out, config, show_progress=False)
     return out
 

@@ -30,8 +30,11 @@ def test_info_and_eval(tiny_run, sample_root, tmp_path, capsys):
     metrics = json.loads(out.read_text())
     assert {"image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold", "per_defect"} <= set(metrics)
     assert set(metrics["per_defect"]) == {"crack", "chip", "stain"}
+    assert set(metrics["per_level"]) == {"patch", "component", "global"}
+    assert all(0 <= level["image_auroc"] <= 1 and set(level["per_defect"]) == {"crack", "chip", "stain"} for level in metrics["per_level"].values())
     assert len(list(overlays.rglob("*.png"))) == metrics["num_images"]
-    assert "img AUROC" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "img AUROC" in printed and "image AUROC by level" in printed
 
 
 def test_errors_give_exit_codes_and_messages(tmp_path, capsys):

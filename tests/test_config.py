@@ -31,3 +31,8 @@ def test_top_k_beyond_experts_is_an_error():
 def test_missing_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_an_unknown_residual_whitening_is_an_error():
+    with pytest.raises(ConfigError, match="model.patch.residual_whitening='sometimes'"):
+        load_config(overrides={"model.patch.residual_whitening": "sometimes"})

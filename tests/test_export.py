@@ -155,3 +155,17 @@ def test_tensorrt_engine_builds_and_matches_pytorch(tiny_run, sample_root, tmp_p
     bundle = convert(tiny_run, tmp_path / "trt", ConvertOptions(target="jetson"))
     report = verify(bundle, sample_root / "washer", backend="tensorrt", show_progress=False)
     assert report["passed"]
+
+
+@pytest.mark.parametrize("target", ["onnx", "intel"])
+def test_whitened_patch_maps_export_with_parity(measured_run, sample_root, tmp_path, target):
+    payload = torch.load(measured_run / "model.pt", weights_only=True)
+    gains = [k for k in payload["state_dict"] if k.endswith(".residual_gain")]
+    assert gains  # the default config whitens
+    for key in gains:
+        payload["state_dict"][key] = torch.ones_like(payload["state_dict"][key])  # on, whatever this run chose
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(payload, run / "model.pt")
+    report = verify(convert(run, tmp_path / "bundle", ConvertOptions(target=target)), sample_root / "washer", show_progress=False)
+    assert report["passed"] and report["label_flips"] == 0 and report["map_rel_diff_max"] < 1e-4

@@ -75,3 +75,82 @@ def test_a_checkpoint_from_before_measured_shares_loads_with_its_fixed_ones(tiny
     model, _ = load_detector(tmp_path)
     assert model.config.postprocess.level_weighting == "fixed"
     assert model.level_weights.tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_whitening_sees_a_feature_that_grows_without_turning():
+    """A residual that keeps the feature's direction is invisible to the cosine map and plain in the whitened one."""
+    import torch
+
+    from amoe_sdk.config import PatchExpertConfig
+    from amoe_sdk.models.experts import PatchExpert
+
+    expert = PatchExpert(PatchExpertConfig(embed_dim=8, bottleneck_hidden=8, depth=1, num_heads=2), [3, 5], grid_size=4).eval()
+    expert.reconstruct = lambda tokens: (0.5 * tokens, tokens.mean(dim=1))  # right direction, half the size
+    tokens = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(0))
+    tokens[0, 5] *= 4.0  # one position's feature grows
+    expert.residual_gain.copy_(torch.tensor([1.0, 1.0]))
+    with torch.no_grad():
+        whitened = expert(tokens).anomaly_map.flatten()
+        expert.residual_gain.zero_()
+        cosine = expert(tokens).anomaly_map.flatten()
+    assert cosine.abs().max() < 1e-5  # the cosine map misses it
+    assert int(whitened.argmax()) == 5 and whitened[5] > 4 * whitened[torch.arange(16) != 5].max()
+
+
+def test_whitening_is_fitted_and_its_gain_chosen_per_product(measured_run):
+    import torch
+
+    from amoe_sdk.checkpoint import read_checkpoint
+    from amoe_sdk.training.whitening import CANDIDATE_GAINS
+
+    record = read_checkpoint(measured_run)["calibration"]["whitening"]
+    assert record["gain"] in CANDIDATE_GAINS
+    assert set(record["patch_auroc_by_gain"]) == {str(g) for g in CANDIDATE_GAINS}
+    assert all(set(v) == {"blatant", "subtle", "mean"} for v in record["patch_auroc_by_gain"].values())
+    model, _ = load_detector(measured_run)
+    grid = model.grid_size
+    for expert in model.patch_experts:
+        assert expert.whitened and expert.residual_mean.shape == (grid * grid, sum(expert.tap_channels))
+        assert bool((expert.residual_std > 0).all()) and bool(expert.residual_std.std() > 0)  # fitted, not the ones
+        assert bool((expert.residual_gain == 0).all()) == (record["gain"] == 0.0)
+
+
+def test_a_gain_is_kept_only_when_it_separates_pseudo_anomalies_better(measured_run, monkeypatch):
+    import numpy as np
+    import torch
+
+    import amoe_sdk.training.whitening as whitening
+
+    model, _ = load_detector(measured_run)
+    images = torch.zeros(4, 3, 128, 128, dtype=torch.uint8)
+    ratios = [torch.ones(len(e.tap_channels)) for e in model.patch_experts]
+    renormalised = []
+
+    def scores_by_gain(step):  # the patch level's score separates by how much whitening there is, times ``step``
+        def level_scores(model_, batch, batch_size=8):
+            gain = float(model_.patch_experts[0].residual_gain[0])
+            anomalous = float(batch.float().mean() > 0)
+            base = np.linspace(0, 1, len(batch))
+            return np.stack([base + (0.5 + step * gain) * anomalous, base, base], axis=1)
+        return level_scores
+
+    monkeypatch.setattr(whitening, "pseudo_anomaly_sets", lambda v, seed: {"blatant": v + 1, "subtle": v + 1})
+    monkeypatch.setattr(whitening, "level_scores", scores_by_gain(1.0))
+    record = whitening.choose_residual_gain(model, ratios, images, lambda: renormalised.append(1), seed=0)
+    assert record["gain"] == 1.0 and float(model.patch_experts[0].residual_gain[0]) == 1.0
+    assert len(renormalised) == len(whitening.CANDIDATE_GAINS) + 1  # once per candidate, once for the choice
+    monkeypatch.setattr(whitening, "level_scores", scores_by_gain(0.0))  # no candidate does better: stays off
+    record = whitening.choose_residual_gain(model, ratios, images, lambda: None, seed=0)
+    assert record["gain"] == 0.0 and all(float(e.residual_gain.abs().max()) == 0 for e in model.patch_experts)
+
+
+def test_a_checkpoint_from_before_whitening_loads_with_the_cosine_maps_alone(measured_run, tmp_path):
+    import torch
+
+    payload = torch.load(measured_run / "model.pt", weights_only=True)
+    assert any(".residual_" in k for k in payload["state_dict"])
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if ".residual_" not in k}
+    del payload["config"]["model"]["patch"]["residual_whitening"]
+    torch.save(payload, tmp_path / "model.pt")
+    model, _ = load_detector(tmp_path)
+    assert model.config.patch.residual_whitening == "off" and not any(e.whitened for e in model.patch_experts)

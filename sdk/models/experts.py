@@ -41,7 +41,10 @@ class PatchExpert(nn.Module):
     """Noisy MLP bottleneck, then linear-attention blocks, then a linear head back to the tap channels.
 
     ``forward(tokens [B, N, C])``: the reconstruction [B, N, C] is compared tap by tap (cosine distance per
-    position); the map is the mean distance over taps.
+    position); the map is the mean distance over taps. With ``residual_whitening`` on, each tap's distance also
+    gets ``residual_gain[t]`` times the mean squared residual whitened by its normal mean and spread at that
+    position and channel (``residual_mean`` / ``residual_std`` [N, C]); the gains are zero until
+    ``training.whitening`` measures them, so training and an unfitted model use the cosine map alone.
     """
 
     def __init__(self, config: PatchExpertConfig, tap_channels: list[int], grid_size: int):
@@ -56,17 +59,30 @@ class PatchExpert(nn.Module):
         )
         self.norm = nn.LayerNorm(config.embed_dim, eps=1e-5)
         self.head = nn.Linear(config.embed_dim, channels)
+        self.whitened = config.residual_whitening != "off"
+        if self.whitened:
+            self.register_buffer("residual_mean", torch.zeros(grid_size * grid_size, channels))
+            self.register_buffer("residual_std", torch.ones(grid_size * grid_size, channels))
+            self.register_buffer("residual_gain", torch.zeros(len(tap_channels)))
+
+    def reconstruct(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, N, C] -> (reconstruction [B, N, C], representation [B, D])."""
+        hidden = self.bottleneck(self.input_drop(tokens))  # [B, N, D]
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.head(self.norm(hidden)), hidden.mean(dim=1)
+
+    def whitened_residuals(self, tokens: torch.Tensor, recon: torch.Tensor) -> list[torch.Tensor]:
+        """Per tap, the mean squared residual in units of its normal spread at each position: [B, N] each."""
+        z = ((tokens - recon - self.residual_mean) / self.residual_std) ** 2
+        return [part.mean(dim=-1) for part in z.split(self.tap_channels, -1)]
 
     def forward(
         self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1
     ) -> ExpertOutput:
         """tokens: [B, N, C]. With ``easy_fraction`` set (training), the loss uses hard mining: the gradient of
         the easiest ``easy_fraction`` of positions per tap is multiplied by ``easy_scale``."""
-        hidden = self.bottleneck(self.input_drop(tokens))  # [B, N, D]
-        for block in self.blocks:
-            hidden = block(hidden)
-        representation = hidden.mean(dim=1)
-        recon = self.head(self.norm(hidden))  # [B, N, C]
+        recon, representation = self.reconstruct(tokens)
         distances, losses = [], []
         for target, pred in zip(tokens.split(self.tap_channels, -1), recon.split(self.tap_channels, -1)):
             distance = cosine_distance(target, pred, dim=-1)  # [B, N]
@@ -78,6 +94,9 @@ class PatchExpert(nn.Module):
                 damped = pred * easy_scale + pred.detach() * (1.0 - easy_scale)
                 losses.append(cosine_distance(target, torch.where(easy, damped, pred), dim=-1).mean(dim=1))
         b, n = tokens.shape[:2]
+        if self.whitened and easy_fraction is None:
+            whitened = self.whitened_residuals(tokens, recon)
+            distances = [d + self.residual_gain[t] * w for t, (d, w) in enumerate(zip(distances, whitened))]
         anomaly_map = torch.stack(distances, 0).mean(0).view(b, 1, self.grid_size, self.grid_size)
         loss = torch.stack(losses, 0).mean(0) if losses else None
         return ExpertOutput(anomaly_map, loss, representation)

@@ -30,6 +30,15 @@ def level_scores(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -
     return np.concatenate(scores)
 
 
+def pseudo_anomaly_sets(val_images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """From held-out normals (uint8 [N, 3, S, S]): 2N blatant pseudo-anomalies (cut-paste, Perlin, region swaps)
+    and N subtle ones, at the normals' own contrast -> {"blatant", "subtle"}: uint8 [M, 3, S, S] each."""
+    normals = val_images.permute(0, 2, 3, 1).numpy()
+    blatant, _ = synthesise(normals, 2 * len(normals), seed=seed, kinds=PSEUDO_KINDS)
+    subtle, _, _ = synthesise_subtle(normals, len(normals), seed=seed)
+    return {name: torch.from_numpy(images).permute(0, 3, 1, 2).contiguous() for name, images in (("blatant", blatant), ("subtle", subtle))}
+
+
 @torch.no_grad()
 def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: list[float], seed: int) -> dict:
     """Set ``model.level_weights`` from each level's image AUROC on held-out normal images (uint8 [N, 3, S, S])
@@ -40,12 +49,11 @@ def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: l
     still adds to the patch level). Where no level beats chance, the base shares stay. -> the record the
     checkpoint keeps."""
     model.eval()
-    normals = val_images.permute(0, 2, 3, 1).numpy()
-    blatant, _ = synthesise(normals, 2 * len(normals), seed=seed, kinds=PSEUDO_KINDS)
-    subtle, _, amplitude = synthesise_subtle(normals, len(normals), seed=seed)
-    anomalies = torch.from_numpy(np.concatenate([blatant, subtle])).permute(0, 3, 1, 2).contiguous()
+    sets = pseudo_anomaly_sets(val_images, seed)
+    anomalies = torch.cat([sets["blatant"], sets["subtle"]])
     scores = np.concatenate([level_scores(model, val_images), level_scores(model, anomalies)])
-    labels = np.r_[np.zeros(len(normals)), np.ones(len(anomalies))]
+    labels = np.r_[np.zeros(len(val_images)), np.ones(len(anomalies))]
+    normals = val_images
     present = model.level_matrix.sum(dim=1) > 0
     separation = np.array([auroc(labels, scores[:, i]) if present[i] else 0.5 for i in range(len(LEVELS))])
     noise = scores[: len(normals)].std(axis=0, ddof=1) if len(normals) > 1 else np.ones(len(LEVELS))
@@ -60,6 +68,6 @@ def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: l
         "pseudo_auroc": {level: float(separation[i]) for i, level in enumerate(LEVELS) if present[i]},
         "normal_score_std": {level: float(noise[i]) for i, level in enumerate(LEVELS) if present[i]},
         "level_weights": {level: float(model.level_weights[i]) for i, level in enumerate(LEVELS)},
-        "images": {"normal": len(normals), "blatant": len(blatant), "subtle": len(subtle), "subtle_amplitude": amplitude},
+        "images": {"normal": len(normals), "blatant": len(sets["blatant"]), "subtle": len(sets["subtle"])},
         "fallback_to_base": bool(fallback),
     }

@@ -28,6 +28,7 @@ from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.fusion import calibrate_level_weights
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
 from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
+from amoe_sdk.training.whitening import choose_residual_gain, fit_residual_statistics
 
 
 @dataclass
@@ -105,6 +106,29 @@ def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images:
         "val_score_std": float(scores.std()) if len(scores) > 1 else 0.0,
         "val_score_max": float(scores.max()),
     }
+
+
+@torch.no_grad()
+def calibrate_after_training(
+    model: AnomalyMoE, train: EncoderFeatures, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig
+) -> dict:
+    """Everything measured on normal images once the experts are trained, in order: the patch experts' residual
+    statistics and whitening gain (``model.patch.residual_whitening: auto``), the map normalisation, then the level
+    shares (``level_weighting: pseudo``), each on the maps the step before it settled. -> the calibration record."""
+    model.eval()
+    whitening = None
+    if config.model.patch.residual_whitening == "auto" and len(model.patch_experts):
+        ratios = fit_residual_statistics(model, train)
+        renormalise = lambda: calibrate_normalisation(model, val, val_images, config)  # noqa: E731
+        whitening = choose_residual_gain(model, ratios, val_images, renormalise, config.train.seed)
+    calibration = calibrate_normalisation(model, val, val_images, config)
+    if config.model.postprocess.level_weighting == "pseudo":
+        fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, config.train.seed)
+        # The validation scores again, with the measured shares.
+        calibration = {**calibrate_normalisation(model, val, val_images, config, refit=False), "fusion": fusion}
+    if whitening is not None:
+        calibration["whitening"] = whitening
+    return calibration
 
 
 def learning_rate(step: int, config: AmoeConfig) -> float:
@@ -224,12 +248,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
             save(resume_path, step + 1)
     bar.close()
 
-    model.eval()
-    calibration = calibrate_normalisation(model, val_features, val_images, config)
-    if config.model.postprocess.level_weighting == "pseudo":
-        fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, tc.seed)
-        # The validation scores again, with the measured shares.
-        calibration = {**calibrate_normalisation(model, val_features, val_images, config, refit=False), "fusion": fusion}
+    calibration = calibrate_after_training(model, train_features, val_features, val_images, config)
     usage = _routing_usage(model, train_features)
     final = out_dir / FINAL_NAME
     save(final, tc.steps, {"calibration": calibration, "routing_usage": usage, "train_seconds": time.time() - started})
