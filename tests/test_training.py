@@ -98,8 +98,6 @@ def test_whitening_sees_a_feature_that_grows_without_turning():
 
 
 def test_whitening_is_fitted_and_its_gain_chosen_per_product(measured_run):
-    import torch
-
     from amoe_sdk.checkpoint import read_checkpoint
     from amoe_sdk.training.whitening import CANDIDATE_GAINS
 
