@@ -61,18 +61,24 @@ def cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) ->
     return out, mask
 
 
-def perlin_blemish(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Blend an irregular Perlin-noise region towards a random colour -> (image, bool mask)."""
-    h, w = image.shape[:2]
+def perlin_region(h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An irregular Perlin-noise region covering 0.5-15 % of an h x w image (the last of 20 draws if none does)
+    -> (bool mask [h, w], its feathered weight [h, w, 1]: blurred inside the mask and zero outside it, so that the
+    mask is exactly what a blend by that weight changes)."""
     for _ in range(20):
         noise = perlin_noise((h, w), int(rng.integers(2, 6)), rng)
         mask = noise > rng.uniform(0.35, 0.55)
         if 0.005 * h * w < mask.sum() < 0.15 * h * w:
             break
+    return mask, (cv2.GaussianBlur(mask.astype(np.float32), (5, 5), 1.5) * mask)[..., None]
+
+
+def perlin_blemish(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Blend an irregular Perlin-noise region towards a random colour -> (image, bool mask)."""
+    mask, feathered = perlin_region(*image.shape[:2], rng)
     colour = rng.integers(0, 256, 3).astype(np.float32)
     opacity = rng.uniform(0.5, 0.9)
-    # Feathered inside the mask, untouched outside it: the mask is exactly what changed.
-    soft = (cv2.GaussianBlur(mask.astype(np.float32), (5, 5), 1.5) * mask)[..., None] * opacity
+    soft = feathered * opacity
     out = image.astype(np.float32) * (1 - soft) + colour * soft
     return np.clip(out, 0, 255).astype(np.uint8), mask
 
@@ -132,14 +138,8 @@ def subtle_cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Genera
 def subtle_blemish(image: np.ndarray, rng: np.random.Generator, amplitude: float) -> tuple[np.ndarray, np.ndarray]:
     """An irregular Perlin region whose colour shifts by about ``amplitude`` grey levels per channel (a random
     direction: darker, lighter, tinted) -> (image, bool mask of the changed pixels)."""
-    h, w = image.shape[:2]
-    for _ in range(20):
-        noise = perlin_noise((h, w), int(rng.integers(2, 6)), rng)
-        region = noise > rng.uniform(0.35, 0.55)
-        if 0.005 * h * w < region.sum() < 0.15 * h * w:
-            break
+    _, soft = perlin_region(*image.shape[:2], rng)
     shift = amplitude * rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.4, 3)
-    soft = (cv2.GaussianBlur(region.astype(np.float32), (5, 5), 1.5) * region)[..., None]
     out = np.clip(np.rint(image.astype(np.float32) + soft * shift), 0, 255).astype(np.uint8)
     return out, np.any(out != image, axis=-1)
 

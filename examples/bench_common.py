@@ -1,9 +1,10 @@
-"""What the benchmark scripts share: a bundle's accuracy on a labelled test set, and latency measured with each
-bundle alone in its own process."""
+"""What the benchmark scripts share: a bundle's accuracy on a labelled test set, latency measured with each
+bundle alone in its own process, and the latency of any call in this one."""
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ from amoe_sdk.runtimes.bundle import read_bundle
 
 
 def bundle_accuracy(bundle_dir: Path, samples, threads: int) -> dict:
-    """Scores, verdicts at the bundle's threshold, image / pixel AUROC and AUPRO of the backend call itself on
-    the test ``samples`` (maps compared at the bundle's input size), and its size on disk."""
+    """Scores, maps [N, S, S], verdicts at the bundle's threshold, image / pixel AUROC and AUPRO of the backend call
+    itself on the test ``samples`` (maps compared at the bundle's input size S), and its size on disk."""
     bundle = read_bundle(bundle_dir)
     labels = np.array([s.label for s in samples])
     frames = load_frames([s.image_path for s in samples], bundle.input_size)
@@ -30,7 +31,7 @@ def bundle_accuracy(bundle_dir: Path, samples, threads: int) -> dict:
     scores = np.array([o["score"][0] for o in outputs], np.float64)
     maps = np.stack([o["anomaly_map"][0, 0] for o in outputs])
     return {
-        "scores": scores, "verdicts": scores > bundle.manifest.threshold.image,
+        "scores": scores, "maps": maps, "verdicts": scores > bundle.manifest.threshold.image,
         "image": auroc(labels, scores), "pixel": auroc(masks, maps), "aupro": aupro(masks, maps),
         "mb": bundle.size_mb(), "manifest": bundle.manifest,
     }
@@ -51,3 +52,15 @@ def isolated_latency(bundle_dirs: list[Path], images: Path, runs: int, threads: 
             report = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)[0]
             measured[k].append((report["infer_p50_ms"], report["infer_p99_ms"]))
     return [(float(np.median([m[0] for m in ms])), float(np.median([m[1] for m in ms]))) for ms in measured]
+
+
+def call_latency(call, frames: list[np.ndarray], runs: int) -> tuple[float, float]:
+    """(p50, p99) ms of ``call(frame)`` over ``runs`` calls cycling through ``frames``, after a warm-up on five."""
+    for frame in frames[:5]:
+        call(frame)
+    times = []
+    for i in range(runs):
+        started = time.perf_counter()
+        call(frames[i % len(frames)])
+        times.append((time.perf_counter() - started) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))

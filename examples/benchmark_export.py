@@ -9,7 +9,6 @@ first row; the last row is the TensorRT bundle's host-side checks (no engine can
 """
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,21 +24,7 @@ from amoe_sdk.errors import ConversionError
 from amoe_sdk.evaluation.metrics import auroc
 from amoe_sdk.runtimes.bundle import read_bundle
 from amoe_sdk.runtimes.preprocess import resize_to_input
-
-
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    return float(np.percentile(samples, 50)), float(np.percentile(samples, 99))
-
-
-def time_calls(call, frames: list[np.ndarray], runs: int) -> list[float]:
-    for frame in frames[:5]:
-        call(frame)
-    times = []
-    for i in range(runs):
-        started = time.perf_counter()
-        call(frames[i % len(frames)])
-        times.append((time.perf_counter() - started) * 1000)
-    return times
+from bench_common import call_latency
 
 
 def main() -> None:
@@ -63,7 +48,7 @@ def main() -> None:
             return model(torch.from_numpy(resize_to_input(frame, size)).permute(2, 0, 1)[None].float()).score.item()
 
     rows = []
-    p50, p99 = percentiles(time_calls(torch_score, frames, args.runs))
+    p50, p99 = call_latency(torch_score, frames, args.runs)
     rows.append(("PyTorch eager", "dense", "-", "reference", "-", p50, p99, auroc(labels, np.array([torch_score(f) for f in frames]))))
     for target, backend in (("onnx", "onnxruntime"), ("intel", "openvino")):
         for routing in ("dense", "folded"):
@@ -81,7 +66,7 @@ def main() -> None:
             report = verify(out, args.data, show_progress=False)
             parity = f"{'pass' if report['passed'] else 'FAIL'}, map diff {report['map_rel_diff_max']:.0e}, {report['label_flips']} flips"
             detector = EdgeDetector(out, threads=args.threads)
-            p50, p99 = percentiles(time_calls(detector.predict, frames, args.runs))
+            p50, p99 = call_latency(detector.predict, frames, args.runs)
             scores = np.array([detector.predict(f).score for f in frames])
             rows.append((backend, mode, bundle.manifest.precision, parity, f"{megabytes:.1f} MB", p50, p99, auroc(labels, scores)))
             detector.close()

@@ -43,8 +43,10 @@ from amoe_sdk.data.layouts import read_dataset
 from amoe_sdk.evaluation.evaluate import evaluate, score_predictions
 from amoe_sdk.models.encoders import Lite0Encoder
 from amoe_sdk.models.lite0_weights import load_lite0_state_dict
+from bench_common import bundle_accuracy, call_latency
 
 SIZE = 256
+LATENCY_RUNS = 100
 PADIM_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]
 
@@ -138,18 +140,6 @@ class Peer:
                                        {"INFERENCE_NUM_THREADS": "2", "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
 
 
-def end_to_end_ms(step, frames: list[np.ndarray], runs: int = 100) -> tuple[float, float]:
-    """p50, p99 ms of ``step(frame)`` (resize, infer, map back) after a warm-up."""
-    for frame in frames[:5]:
-        step(frame)
-    times = []
-    for i in range(runs):
-        started = time.perf_counter()
-        step(frames[i % len(frames)])
-        times.append((time.perf_counter() - started) * 1000)
-    return tuple(float(v) for v in np.percentile(times, [50, 99]))
-
-
 def peer_step(compiled):
     request = compiled.create_infer_request()
 
@@ -162,17 +152,20 @@ def peer_step(compiled):
     return step
 
 
-def bundle_result(bundle: Path, category: Path, threads: int, train_seconds: float) -> dict:
-    """A bundle scored through ``EdgeDetector`` on the category's test images, and its end-to-end latency."""
-    dataset = read_dataset(category, require_test=True)
-    frames = [read_image(s.image_path) for s in dataset.test]
-    detector = EdgeDetector(bundle, threads=threads)
-    predictions = [detector.predict(frame) for frame in frames]
-    maps = np.stack([cv2.resize(p.anomaly_map, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR) for p in predictions])
-    result = score_predictions(dataset, np.array([p.score for p in predictions]), maps)
-    p50, p99 = end_to_end_ms(lambda f: detector.predict(f).score, frames)
-    detector.close()
-    return {**result, "train_seconds": train_seconds, "p50_ms": p50, "p99_ms": p99}
+def bundle_latency(bundle: Path, category: Path, threads: int) -> tuple[float, float]:
+    """p50, p99 ms of ``EdgeDetector.predict`` on the category's test frames: resize, inference, map back."""
+    frames = [read_image(s.image_path) for s in read_dataset(category, require_test=True).test]
+    with EdgeDetector(bundle, threads=threads) as detector:
+        return call_latency(lambda f: detector.predict(f).score, frames, LATENCY_RUNS)
+
+
+def run_result(run: Path, category: Path, bundle: Path, threads: int) -> dict:
+    """A run of ours scored in PyTorch (``evaluate``: per defect and per level) and timed through its FP32 OpenVINO
+    bundle, written to ``bundle``."""
+    model, _ = load_detector(run)
+    result = evaluate(model, read_dataset(category, require_test=True), show_progress=False)
+    p50, p99 = bundle_latency(convert(run, bundle, ConvertOptions(target="intel")), category, threads)
+    return {**result, "train_seconds": read_checkpoint(run)["train_seconds"], "p50_ms": p50, "p99_ms": p99}
 
 
 def ours(category: Path, runs: Path, bundles: Path, retrain: bool, threads: int) -> dict:
@@ -181,14 +174,11 @@ def ours(category: Path, runs: Path, bundles: Path, retrain: bool, threads: int)
     run = runs / category.name
     if retrain or not (run / "model.pt").is_file():
         train(category, run, load_config(), resume=False)
-    model, payload = load_detector(run)
-    result = evaluate(model, read_dataset(category, require_test=True), show_progress=False)
-    bundle = convert(run, bundles / f"{category.name}-ours-intel", ConvertOptions(target="intel"))
-    timed = bundle_result(bundle, category, threads, read_checkpoint(run)["train_seconds"])
-    return {**result, "train_seconds": timed["train_seconds"], "p50_ms": timed["p50_ms"], "p99_ms": timed["p99_ms"]}
+    return run_result(run, category, bundles / f"{category.name}-ours-intel", threads)
 
 
 def ours_int8(category: Path, runs: Path, bundles: Path, threads: int) -> dict:
+    """Our INT8 OpenVINO bundle, scored through its backend on the test images (a bundle has no PyTorch twin)."""
     from amoe_sdk.errors import ConversionError
 
     run = runs / category.name
@@ -196,7 +186,11 @@ def ours_int8(category: Path, runs: Path, bundles: Path, threads: int) -> dict:
         bundle = convert(run, bundles / f"{category.name}-ours-intel-int8", ConvertOptions(target="intel", precision="int8"))
     except ConversionError as exc:  # the accuracy gate refused: a result too, printed as such
         return {"refused": str(exc)}
-    return bundle_result(bundle, category, threads, read_checkpoint(run)["train_seconds"])
+    dataset = read_dataset(category, require_test=True)
+    accuracy = bundle_accuracy(bundle, dataset.test, threads)
+    p50, p99 = bundle_latency(bundle, category, threads)
+    return {**score_predictions(dataset, accuracy["scores"], accuracy["maps"]),
+            "train_seconds": read_checkpoint(run)["train_seconds"], "p50_ms": p50, "p99_ms": p99}
 
 
 def student(category: Path, runs: Path, bundles: Path, threads: int) -> dict:
@@ -205,11 +199,7 @@ def student(category: Path, runs: Path, bundles: Path, threads: int) -> dict:
     out = runs / f"{category.name}-student"
     if not (out / "model.pt").is_file():
         distill(runs / category.name, category, out, resume=False)
-    model, _ = load_detector(out)
-    result = evaluate(model, read_dataset(category, require_test=True), show_progress=False)
-    bundle = convert(out, bundles / f"{category.name}-student-intel", ConvertOptions(target="intel"))
-    timed = bundle_result(bundle, category, threads, read_checkpoint(out)["train_seconds"])
-    return {**result, "train_seconds": timed["train_seconds"], "p50_ms": timed["p50_ms"], "p99_ms": timed["p99_ms"]}
+    return run_result(out, category, bundles / f"{category.name}-student-intel", threads)
 
 
 def peer(kind: str, category: Path, bundles: Path, coreset: float) -> dict:
@@ -219,7 +209,7 @@ def peer(kind: str, category: Path, bundles: Path, coreset: float) -> dict:
     result = score_predictions(dataset, scores, maps)
     compiled = fitted.export_openvino(bundles / f"{category.name}-{kind}")
     frames = [read_image(s.image_path) for s in dataset.test]
-    p50, p99 = end_to_end_ms(peer_step(compiled), frames)
+    p50, p99 = call_latency(peer_step(compiled), frames, LATENCY_RUNS)
     return {**result, "train_seconds": fitted.train_seconds, "p50_ms": p50, "p99_ms": p99}
 
 

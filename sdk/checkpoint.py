@@ -81,15 +81,13 @@ def load_detector(path: str | Path):
     from amoe_sdk.models.detector import AnomalyMoE
 
     payload = read_checkpoint(path)
-    config_data = payload["config"]
+    config_data = copy.deepcopy(payload["config"])  # the payload stays as read
     state = payload["state_dict"]
     if "level_weights" not in state:
         # Written before level weights were measured per product: they were the config's, fixed.
-        config_data = copy.deepcopy(config_data)
         config_data["model"]["postprocess"].setdefault("level_weighting", "fixed")
     if "patch_experts.0.head.weight" in state and "patch_experts.0.residual_mean" not in state:
         # Written before residual whitening: the patch experts' maps were the cosine maps alone.
-        config_data = copy.deepcopy(config_data)
         config_data["model"]["patch"].setdefault("residual_whitening", "off")
     config = AmoeConfig.from_dict(config_data, f"checkpoint {payload['path']}")
     build_config = copy.deepcopy(config.model)

@@ -403,6 +403,15 @@ def numeric_fields(config: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return found
 
 
+# The allowed values of every choice field of the model, by key under ``model.``.
+MODEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "patch.residual_whitening": ("auto", "off"),
+    "postprocess.level_weighting": ("pseudo", "fixed"),
+    "encoder.tap_resample": ("pool", "unshuffle"),
+    "global.activation": ("relu", "leaky_relu"),
+}
+
+
 def validate_config(config: AmoeConfig, source: str = "config", flags: dict[str, str] | None = None) -> None:
     """Reject values that would only fail later, deep inside training: every numeric range (``RANGES``), then the
     relations between fields. Messages name ``source`` (the file) and the key."""
@@ -423,14 +432,11 @@ def validate_config(config: AmoeConfig, source: str = "config", flags: dict[str,
         raise ConfigError(f"{source}: model.postprocess.blur_kernel={model.postprocess.blur_kernel} must be odd")
     if not model.postprocess.norm_low_quantile < model.postprocess.norm_high_quantile:
         raise ConfigError(f"{source}: model.postprocess.norm_low_quantile must be below norm_high_quantile")
-    if model.patch.residual_whitening not in ("auto", "off"):
-        raise ConfigError(f"{source}: model.patch.residual_whitening={model.patch.residual_whitening!r} must be 'auto' or 'off'")
-    if model.postprocess.level_weighting not in ("pseudo", "fixed"):
-        raise ConfigError(f"{source}: model.postprocess.level_weighting={model.postprocess.level_weighting!r} must be 'pseudo' or 'fixed'")
-    if model.encoder.tap_resample not in ("pool", "unshuffle"):
-        raise ConfigError(f"{source}: model.encoder.tap_resample={model.encoder.tap_resample!r} must be 'pool' or 'unshuffle'")
-    if model.global_.activation not in ("relu", "leaky_relu"):
-        raise ConfigError(f"{source}: model.global.activation={model.global_.activation!r} must be 'relu' or 'leaky_relu'")
+    for key, allowed in MODEL_CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(model, "global_" if section == "global" else section), name)
+        if value not in allowed:
+            raise ConfigError(f"{source}: model.{key}={value!r} must be " + " or ".join(repr(a) for a in allowed))
     level_weights = model.postprocess.level_weights
     if len(level_weights) != 3 or sum(level_weights) <= 0:
         raise ConfigError(

@@ -49,10 +49,9 @@ def predict(model, samples, batch_size: int = 8, show_progress: bool = True) -> 
         maps.append(out.anomaly_map[:, 0].numpy())
         weights.append(out.routing_weights.numpy())
         images.extend(chunk)
-        per_level = model.level_maps(model.normalise_maps(out.expert_maps), out.router_logits, out.routing_weights)  # [B, L, G, G]
-        full, score = model.postprocess(per_level.flatten(0, 1).unsqueeze(1))
-        level_maps.append(full.view(len(chunk), -1, size, size).numpy())
-        level_scores.append(score.view(len(chunk), -1).numpy())
+        chunk_level_maps, chunk_level_scores = model.level_outputs(out)
+        level_maps.append(chunk_level_maps.numpy())
+        level_scores.append(chunk_level_scores.numpy())
     return Predictions(np.concatenate(scores), np.concatenate(maps), images, np.concatenate(weights),
                        np.concatenate(level_scores), np.concatenate(level_maps))
 

@@ -185,6 +185,14 @@ class AnomalyMoE(nn.Module):
         their sum weighted by ``level_weights``; a level without experts is all zeros."""
         return torch.einsum("ble,begh->blgh", self.level_fusion(logits, weights), normalised_maps)
 
+    def level_outputs(self, out: DetectorOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each level alone, made as the fused map is made (normalised, routed within the level, upsampled,
+        blurred, top-percent) from one forward pass's ``out`` -> (maps [B, L, S, S], scores [B, L])."""
+        per_level = self.level_maps(self.normalise_maps(out.expert_maps), out.router_logits, out.routing_weights)
+        full, score = self.postprocess(per_level.flatten(0, 1).unsqueeze(1))
+        batch = len(per_level)
+        return full.view(batch, -1, *full.shape[-2:]), score.view(batch, -1)
+
     def normalise_maps(self, expert_maps: torch.Tensor) -> torch.Tensor:
         """[B, E, G, G] raw maps -> the same, normalised with each expert's validation statistics."""
         return normalise_expert_maps(expert_maps, self.map_low, self.map_high)

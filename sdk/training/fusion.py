@@ -24,9 +24,7 @@ def level_scores(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -
     scores = []
     for start in range(0, len(images), batch_size):
         out = model(images[start : start + batch_size].float())
-        per_level = model.level_maps(model.normalise_maps(out.expert_maps), out.router_logits, out.routing_weights)
-        _, score = model.postprocess(per_level.flatten(0, 1).unsqueeze(1))
-        scores.append(score.view(len(per_level), -1).numpy())
+        scores.append(model.level_outputs(out)[1].numpy())
     return np.concatenate(scores)
 
 
