@@ -76,6 +76,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+# The patch experts' subspace whitening, added after the diagonal one (see ``PatchExpert``).
+SUBSPACE_BUFFERS = ("residual_basis", "residual_basis_weight", "residual_subspace_gain")
+
+
 def load_detector(path: str | Path):
     """(AnomalyMoE in eval mode, payload) from a run directory or checkpoint file."""
     from amoe_sdk.models.detector import AnomalyMoE
@@ -96,6 +100,10 @@ def load_detector(path: str | Path):
     model.config = config.model
     if "level_weights" not in state:
         state = {**state, "level_weights": model.level_weights.clone()}
+    if "patch_experts.0.residual_mean" in state and "patch_experts.0.residual_basis" not in state:
+        # Written when whitening was diagonal only: an unfitted subspace (gain 0) leaves its maps as they were.
+        unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in SUBSPACE_BUFFERS}
+        state = {**state, **unfitted}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -42,11 +42,13 @@ class EncoderConfig:
 class PatchExpertConfig:
     """Patch experts: noisy MLP bottleneck then linear-attention blocks reconstructing the encoder taps.
 
-    ``residual_whitening: auto`` fits, after training, each position's and channel's mean and spread of the
-    reconstruction residual on the normal training images, and adds the whitened squared residual to the cosine
-    map where it raises the patch level's separation of held-out normals from pseudo-anomalies by at least a
-    point (it does on textures and aligned trays, where a subtle defect changes a feature's size more than its
-    direction; it does not on objects whose pose varies). ``off``: the cosine map alone.
+    ``residual_whitening: auto`` fits, after training, the reconstruction residual's statistics at each position
+    on the normal training images (mean and spread per channel, and the ``residual_subspace_dim`` principal
+    directions the residual varies in) and adds one whitened form of it to the cosine map, diagonal or
+    subspace, with the gain that best separates held-out normals from pseudo-anomalies, if that beats the cosine
+    map alone by a point (a subtle texture defect changes a feature's size more than its direction; a shifted
+    label or a fused part moves the residual out of the directions normal images vary in). ``off``: the cosine
+    map alone. The measurements are in the README, "The detector".
     """
 
     num_experts: int = 2
@@ -57,6 +59,7 @@ class PatchExpertConfig:
     num_heads: int = 4
     mlp_ratio: float = 2.0
     residual_whitening: str = "auto"
+    residual_subspace_dim: int = 32
 
 
 @dataclass
@@ -327,6 +330,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.patch.depth": (1, None, False),
     "model.patch.num_heads": (1, None, False),
     "model.patch.mlp_ratio": (0, None, True),
+    "model.patch.residual_subspace_dim": (1, None, False),
     "model.component.num_experts": (0, None, False),
     "model.component.num_slots": (1, None, False),
     "model.component.hidden_dim": (1, None, False),

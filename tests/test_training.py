@@ -97,49 +97,111 @@ def test_whitening_sees_a_feature_that_grows_without_turning():
     assert int(whitened.argmax()) == 5 and whitened[5] > 4 * whitened[torch.arange(16) != 5].max()
 
 
-def test_whitening_is_fitted_and_its_gain_chosen_per_product(measured_run):
+def test_the_subspace_form_sees_a_residual_that_leaves_the_normal_directions():
+    """Normal residuals vary widely along one direction of two channels; a residual across it, no larger per
+    channel than the normal spread, is plain in the subspace form and lost in the diagonal one."""
+    import torch
+
+    from amoe_sdk.config import PatchExpertConfig
+    from amoe_sdk.models.experts import PatchExpert
+
+    config = PatchExpertConfig(embed_dim=8, bottleneck_hidden=8, depth=1, num_heads=2, residual_subspace_dim=1)
+    expert = PatchExpert(config, [3, 5], grid_size=4).eval()
+    generator = torch.Generator().manual_seed(0)
+    along, across = torch.zeros(8), torch.zeros(8)
+    along[:2] = torch.tensor([1.0, 1.0]) / 2**0.5
+    across[:2] = torch.tensor([1.0, -1.0]) / 2**0.5
+    residual = 0.01 * torch.randn(1, 16, 8, generator=generator)
+    residual += 3.0 * torch.randn(1, 16, 1, generator=generator) * along  # the normal variation
+    residual[0, 5] += 1.0 * across  # one position leaves it
+    expert.residual_std.copy_(residual[0].std(dim=0).clamp_min(1e-3).expand(16, 8))  # the per-channel spread
+    expert.residual_basis[:, :, 0] = along
+    expert.residual_basis_weight.fill_(1e-3)  # floor / (variance + floor) with a variance of 9
+    with torch.no_grad():
+        diagonal, subspace = expert.whitened_residuals(residual, torch.zeros_like(residual))
+    others = torch.arange(16) != 5
+    assert int(subspace[0].argmax()) == 5 and subspace[0, 5] > 10 * subspace[0, others].max()
+    assert diagonal[0][0, 5] < diagonal[0][0, others].max()  # within the channels' normal spread
+
+
+def test_whitening_is_fitted_and_its_form_chosen_per_product(measured_run):
+    import torch
+
     from amoe_sdk.checkpoint import read_checkpoint
-    from amoe_sdk.training.whitening import CANDIDATE_GAINS
+    from amoe_sdk.training.whitening import CANDIDATES
 
     record = read_checkpoint(measured_run)["calibration"]["whitening"]
-    assert record["gain"] in CANDIDATE_GAINS
-    assert set(record["patch_auroc_by_gain"]) == {str(g) for g in CANDIDATE_GAINS}
-    assert all(set(v) == {"blatant", "subtle", "mean"} for v in record["patch_auroc_by_gain"].values())
-    model, _ = load_detector(measured_run)
+    assert (record["form"], record["gain"]) in CANDIDATES
+    assert set(record["patch_auroc_by_candidate"]) == {f"{form} {gain}" for form, gain in CANDIDATES}
+    keys = {f"{kind} {level}" for kind in ("blatant", "subtle") for level in ("image", "pixel")} | {"mean"}
+    assert all(set(v) == keys for v in record["patch_auroc_by_candidate"].values())
+    model, payload = load_detector(measured_run)
     grid = model.grid_size
+    used = len(payload["train_images"]) - 1  # the directions the training images span
     for expert in model.patch_experts:
         assert expert.whitened and expert.residual_mean.shape == (grid * grid, sum(expert.tap_channels))
         assert bool((expert.residual_std > 0).all()) and bool(expert.residual_std.std() > 0)  # fitted, not the ones
-        assert bool((expert.residual_gain == 0).all()) == (record["gain"] == 0.0)
+        basis = expert.residual_basis[:, :, : min(used, expert.residual_basis.shape[-1])]
+        gram = basis.transpose(1, 2) @ basis
+        assert torch.allclose(gram, torch.eye(gram.shape[-1]).expand_as(gram), atol=1e-4)  # orthonormal per position
+        weights = expert.residual_basis_weight
+        assert bool(((weights > 0) & (weights <= 1)).all()) and bool((weights[:, :-1] <= weights[:, 1:] + 1e-6).all())
+        assert bool((expert.residual_gain == 0).all()) == (record["form"] != "diagonal")
+        assert bool((expert.residual_subspace_gain == 0).all()) == (record["form"] != "subspace")
 
 
-def test_a_gain_is_kept_only_when_it_separates_pseudo_anomalies_better(measured_run, monkeypatch):
+def test_a_form_is_kept_only_when_it_separates_pseudo_anomalies_better(measured_run, monkeypatch):
     import numpy as np
     import torch
 
     import amoe_sdk.training.whitening as whitening
+    from amoe_sdk.training.fusion import PseudoAnomalies
 
     model, _ = load_detector(measured_run)
-    images = torch.zeros(4, 3, 128, 128, dtype=torch.uint8)
-    ratios = [torch.ones(len(e.tap_channels)) for e in model.patch_experts]
+    images = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+    ratios = whitening.SpreadRatios([torch.ones(len(e.tap_channels)) for e in model.patch_experts], [1.0] * len(model.patch_experts))
     renormalised = []
 
-    def scores_by_gain(step):  # the patch level's score separates by how much whitening there is, times ``step``
-        def level_scores(model_, batch, batch_size=8):
-            gain = float(model_.patch_experts[0].residual_gain[0])
+    def outputs_by_subspace_gain(step):  # the patch level's score separates by the subspace gain, times ``step``
+        def level_outputs(model_, batch, level, batch_size=8):
+            gain = float(model_.patch_experts[0].residual_subspace_gain[0])
             anomalous = float(batch.float().mean() > 0)
             base = np.linspace(0, 1, len(batch))
-            return np.stack([base + (0.5 + step * gain) * anomalous, base, base], axis=1)
-        return level_scores
+            return np.stack([base + (0.2 + step * gain) * anomalous, base, base], axis=1), np.zeros((len(batch), 16, 16))
+        return level_outputs
 
-    monkeypatch.setattr(whitening, "pseudo_anomaly_sets", lambda v, seed: {"blatant": v + 1, "subtle": v + 1})
-    monkeypatch.setattr(whitening, "level_scores", scores_by_gain(1.0))
-    record = whitening.choose_residual_gain(model, ratios, images, lambda: renormalised.append(1), seed=0)
-    assert record["gain"] == 1.0 and float(model.patch_experts[0].residual_gain[0]) == 1.0
-    assert len(renormalised) == len(whitening.CANDIDATE_GAINS) + 1  # once per candidate, once for the choice
-    monkeypatch.setattr(whitening, "level_scores", scores_by_gain(0.0))  # no candidate does better: stays off
-    record = whitening.choose_residual_gain(model, ratios, images, lambda: None, seed=0)
-    assert record["gain"] == 0.0 and all(float(e.residual_gain.abs().max()) == 0 for e in model.patch_experts)
+    pseudo = PseudoAnomalies(images + 1, np.ones((4, 16, 16), bool))
+    monkeypatch.setattr(whitening, "pseudo_anomaly_sets", lambda v, seed: {"blatant": pseudo, "subtle": pseudo})
+    monkeypatch.setattr(whitening, "level_outputs", outputs_by_subspace_gain(1.0))
+    record = whitening.choose_whitening(model, ratios, images, lambda: renormalised.append(1), seed=0)
+    # 0.5 does not yet separate every pair, 1.0 does, and the first best candidate wins.
+    assert (record["form"], record["gain"]) == ("subspace", 1.0)
+    assert float(model.patch_experts[0].residual_subspace_gain[0]) == 1.0
+    assert float(model.patch_experts[0].residual_gain.abs().max()) == 0
+    assert len(renormalised) == len(whitening.CANDIDATES) + 1  # once per candidate, once for the choice
+    monkeypatch.setattr(whitening, "level_outputs", outputs_by_subspace_gain(0.0))  # no candidate does better
+    record = whitening.choose_whitening(model, ratios, images, lambda: None, seed=0)
+    assert record["form"] == "cosine" and all(float(e.residual_subspace_gain.abs().max()) == 0 for e in model.patch_experts)
+
+
+def test_a_checkpoint_with_diagonal_whitening_only_loads_with_the_same_maps(measured_run, tmp_path):
+    import torch
+
+    from amoe_sdk.checkpoint import SUBSPACE_BUFFERS
+
+    payload = torch.load(measured_run / "model.pt", weights_only=True)
+    for key in [k for k in payload["state_dict"] if k.endswith(".residual_subspace_gain")]:
+        payload["state_dict"][key] = torch.zeros_like(payload["state_dict"][key])
+    torch.save(payload, tmp_path / "model.pt")
+    reference, _ = load_detector(tmp_path)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if k.rsplit(".", 1)[-1] not in SUBSPACE_BUFFERS}
+    older = tmp_path / "older"
+    older.mkdir()
+    torch.save(payload, older / "model.pt")
+    model, _ = load_detector(older)
+    images = torch.randint(0, 255, (2, 3, model.config.input_size, model.config.input_size)).float()
+    with torch.no_grad():
+        assert torch.equal(model(images).anomaly_map, reference(images).anomaly_map)
 
 
 def test_a_checkpoint_from_before_whitening_loads_with_the_cosine_maps_alone(measured_run, tmp_path):

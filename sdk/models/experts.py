@@ -41,10 +41,18 @@ class PatchExpert(nn.Module):
     """Noisy MLP bottleneck, then linear-attention blocks, then a linear head back to the tap channels.
 
     ``forward(tokens [B, N, C])``: the reconstruction [B, N, C] is compared tap by tap (cosine distance per
-    position); the map is the mean distance over taps. With ``residual_whitening`` on, each tap's distance also
-    gets ``residual_gain[t]`` times the mean squared residual whitened by its normal mean and spread at that
-    position and channel (``residual_mean`` / ``residual_std`` [N, C]); the gains are zero until
-    ``training.whitening`` measures them, so training and an unfitted model use the cosine map alone.
+    position); the map is the mean distance over taps. With ``residual_whitening`` on, the residual
+    x = tokens - reconstruction - ``residual_mean`` [N, C] (its normal mean at each position) adds one of two
+    whitened forms, whose gains are zero until ``training.whitening`` measures them (so training and an unfitted
+    model use the cosine map alone):
+
+    - diagonal: tap t's distance gets ``residual_gain[t]`` times the mean of (x / ``residual_std``)^2 over its
+      channels (``residual_std`` [N, C], the normal spread at that position and channel);
+    - subspace: the map gets ``residual_subspace_gain`` times a distance from the normal residuals' principal subspace at
+      that position: (sum_k w_k (u_k . x)^2 + |x - sum_k (u_k . x) u_k|^2) / C with the basis u_k
+      (``residual_basis`` [N, C, K]) and weights w_k = floor / (variance_k + floor) in [0, 1]
+      (``residual_basis_weight`` [N, K]): a Mahalanobis distance, scaled by the floor, that sees a residual
+      leaving the directions normal images vary in, whatever its size.
     """
 
     def __init__(self, config: PatchExpertConfig, tap_channels: list[int], grid_size: int):
@@ -64,6 +72,10 @@ class PatchExpert(nn.Module):
             self.register_buffer("residual_mean", torch.zeros(grid_size * grid_size, channels))
             self.register_buffer("residual_std", torch.ones(grid_size * grid_size, channels))
             self.register_buffer("residual_gain", torch.zeros(len(tap_channels)))
+            k = config.residual_subspace_dim
+            self.register_buffer("residual_basis", torch.zeros(grid_size * grid_size, channels, k))
+            self.register_buffer("residual_basis_weight", torch.zeros(grid_size * grid_size, k))
+            self.register_buffer("residual_subspace_gain", torch.zeros(1))
 
     def reconstruct(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, N, C] -> (reconstruction [B, N, C], representation [B, D])."""
@@ -72,10 +84,17 @@ class PatchExpert(nn.Module):
             hidden = block(hidden)
         return self.head(self.norm(hidden)), hidden.mean(dim=1)
 
-    def whitened_residuals(self, tokens: torch.Tensor, recon: torch.Tensor) -> list[torch.Tensor]:
-        """Per tap, the mean squared residual in units of its normal spread at each position: [B, N] each."""
-        z = ((tokens - recon - self.residual_mean) / self.residual_std) ** 2
-        return [part.mean(dim=-1) for part in z.split(self.tap_channels, -1)]
+    def whitened_residuals(self, tokens: torch.Tensor, recon: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(per tap, the mean squared residual in units of its normal spread at each position, [B, N] each;
+        the subspace distance [B, N]), both as the class docstring defines them."""
+        x = tokens - recon - self.residual_mean  # [B, N, C]
+        z = (x / self.residual_std) ** 2
+        diagonal = [part.mean(dim=-1) for part in z.split(self.tap_channels, -1)]
+        # Batched matmuls over positions rather than einsum: the form every exporter and TensorRT take.
+        coords = x.unsqueeze(-2) @ self.residual_basis  # [B, N, 1, K]
+        outside = x - (coords @ self.residual_basis.transpose(1, 2)).squeeze(-2)  # [B, N, C]
+        inside = (coords.squeeze(-2) ** 2 * self.residual_basis_weight).sum(dim=-1)
+        return diagonal, (inside + (outside**2).sum(dim=-1)) / x.shape[-1]
 
     def forward(
         self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1
@@ -95,8 +114,9 @@ class PatchExpert(nn.Module):
                 losses.append(cosine_distance(target, torch.where(easy, damped, pred), dim=-1).mean(dim=1))
         b, n = tokens.shape[:2]
         if self.whitened and easy_fraction is None:
-            whitened = self.whitened_residuals(tokens, recon)
-            distances = [d + self.residual_gain[t] * w for t, (d, w) in enumerate(zip(distances, whitened))]
+            diagonal, subspace = self.whitened_residuals(tokens, recon)
+            distances = [d + self.residual_gain[t] * w for t, (d, w) in enumerate(zip(distances, diagonal))]
+            distances = [d + self.residual_subspace_gain * subspace for d in distances]  # the same term on every tap
         anomaly_map = torch.stack(distances, 0).mean(0).view(b, 1, self.grid_size, self.grid_size)
         loss = torch.stack(losses, 0).mean(0) if losses else None
         return ExpertOutput(anomaly_map, loss, representation)

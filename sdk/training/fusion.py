@@ -9,6 +9,8 @@ them, and its share follows that score (the measurements are in the README, "The
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -18,23 +20,41 @@ from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 
 
 @torch.no_grad()
-def level_scores(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """Each level's own image score (its routed map, upsampled, blurred, top-percent mean): uint8 [N, 3, S, S] ->
-    [N, L]."""
-    scores = []
+def level_outputs(model: AnomalyMoE, images: torch.Tensor, level: int, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Each level's own image score (its routed map, upsampled, blurred, top-percent mean) and the map of level
+    ``level``: uint8 [N, 3, S, S] -> (scores [N, L], maps [N, S, S])."""
+    scores, maps = [], []
     for start in range(0, len(images), batch_size):
         out = model(images[start : start + batch_size].float())
-        scores.append(model.level_outputs(out)[1].numpy())
-    return np.concatenate(scores)
+        level_maps, level_scores_ = model.level_outputs(out)
+        scores.append(level_scores_.numpy())
+        maps.append(level_maps[:, level].numpy())
+    return np.concatenate(scores), np.concatenate(maps)
 
 
-def pseudo_anomaly_sets(val_images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+def level_scores(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Each level's own image score: uint8 [N, 3, S, S] -> [N, L]."""
+    return level_outputs(model, images, 0, batch_size)[0]
+
+
+@dataclass
+class PseudoAnomalies:
+    """``images``: uint8 [M, 3, S, S]; ``masks``: bool [M, S, S], where pixels changed."""
+
+    images: torch.Tensor
+    masks: np.ndarray
+
+
+def pseudo_anomaly_sets(val_images: torch.Tensor, seed: int) -> dict[str, PseudoAnomalies]:
     """From held-out normals (uint8 [N, 3, S, S]): 2N blatant pseudo-anomalies (cut-paste, Perlin, region swaps)
-    and N subtle ones, at the normals' own contrast -> {"blatant", "subtle"}: uint8 [M, 3, S, S] each."""
+    and N subtle ones, at the normals' own contrast -> {"blatant", "subtle"}."""
     normals = val_images.permute(0, 2, 3, 1).numpy()
-    blatant, _ = synthesise(normals, 2 * len(normals), seed=seed, kinds=PSEUDO_KINDS)
-    subtle, _, _ = synthesise_subtle(normals, len(normals), seed=seed)
-    return {name: torch.from_numpy(images).permute(0, 3, 1, 2).contiguous() for name, images in (("blatant", blatant), ("subtle", subtle))}
+    blatant = synthesise(normals, 2 * len(normals), seed=seed, kinds=PSEUDO_KINDS)
+    subtle = synthesise_subtle(normals, len(normals), seed=seed)[:2]
+    return {
+        name: PseudoAnomalies(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), masks.astype(bool))
+        for name, (images, masks) in (("blatant", blatant), ("subtle", subtle))
+    }
 
 
 @torch.no_grad()
@@ -48,7 +68,7 @@ def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: l
     checkpoint keeps."""
     model.eval()
     sets = pseudo_anomaly_sets(val_images, seed)
-    anomalies = torch.cat([sets["blatant"], sets["subtle"]])
+    anomalies = torch.cat([sets["blatant"].images, sets["subtle"].images])
     scores = np.concatenate([level_scores(model, val_images), level_scores(model, anomalies)])
     labels = np.r_[np.zeros(len(val_images)), np.ones(len(anomalies))]
     normals = val_images
@@ -66,6 +86,6 @@ def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: l
         "pseudo_auroc": {level: float(separation[i]) for i, level in enumerate(LEVELS) if present[i]},
         "normal_score_std": {level: float(noise[i]) for i, level in enumerate(LEVELS) if present[i]},
         "level_weights": {level: float(model.level_weights[i]) for i, level in enumerate(LEVELS)},
-        "images": {"normal": len(normals), "blatant": len(sets["blatant"]), "subtle": len(sets["subtle"])},
+        "images": {"normal": len(normals), "blatant": len(sets["blatant"].images), "subtle": len(sets["subtle"].images)},
         "fallback_to_base": bool(fallback),
     }

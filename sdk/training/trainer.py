@@ -28,7 +28,7 @@ from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.fusion import calibrate_level_weights
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
 from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
-from amoe_sdk.training.whitening import choose_residual_gain, fit_residual_statistics
+from amoe_sdk.training.whitening import choose_whitening, fit_residual_statistics
 
 
 @dataclass
@@ -113,14 +113,14 @@ def calibrate_after_training(
     model: AnomalyMoE, train: EncoderFeatures, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig
 ) -> dict:
     """Everything measured on normal images once the experts are trained, in order: the patch experts' residual
-    statistics and whitening gain (``model.patch.residual_whitening: auto``), the map normalisation, then the level
+    statistics and whitening form and gain (``model.patch.residual_whitening: auto``), the map normalisation, then the level
     shares (``level_weighting: pseudo``), each on the maps the step before it settled. -> the calibration record."""
     model.eval()
     whitening = None
     if config.model.patch.residual_whitening == "auto" and len(model.patch_experts):
         ratios = fit_residual_statistics(model, train)
         renormalise = lambda: calibrate_normalisation(model, val, val_images, config)  # noqa: E731
-        whitening = choose_residual_gain(model, ratios, val_images, renormalise, config.train.seed)
+        whitening = choose_whitening(model, ratios, val_images, renormalise, config.train.seed)
     calibration = calibrate_normalisation(model, val, val_images, config)
     if config.model.postprocess.level_weighting == "pseudo":
         fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, config.train.seed)
