@@ -49,8 +49,9 @@ class PatchExpert(nn.Module):
     - diagonal: tap t's distance gets ``residual_gain[t]`` times the mean of (x / ``residual_std``)^2 over its
       channels (``residual_std`` [N, C], the normal spread at that position and channel);
     - subspace: the map gets ``residual_subspace_gain`` times a distance from the normal residuals' principal subspace at
-      that position: (sum_k w_k (u_k . x)^2 + |x - sum_k (u_k . x) u_k|^2) / C with the basis u_k
-      (``residual_basis`` [N, C, K]) and weights w_k = floor / (variance_k + floor) in [0, 1]
+      that position: (sum_k w_k (u_k . x)^2 + |x - sum_k (u_k . x) u_k|^2) / C with the orthonormal basis u_k
+      (``residual_basis`` [N, C, K], zero columns where unfitted) and weights w_k = floor / (variance_k + floor)
+      in [0, 1]
       (``residual_basis_weight`` [N, K]): a Mahalanobis distance, scaled by the floor, that sees a residual
       leaving the directions normal images vary in, whatever its size.
     """
@@ -90,11 +91,12 @@ class PatchExpert(nn.Module):
         x = tokens - recon - self.residual_mean  # [B, N, C]
         z = (x / self.residual_std) ** 2
         diagonal = [part.mean(dim=-1) for part in z.split(self.tap_channels, -1)]
-        # Batched matmuls over positions rather than einsum: the form every exporter and TensorRT take.
-        coords = x.unsqueeze(-2) @ self.residual_basis  # [B, N, 1, K]
-        outside = x - (coords @ self.residual_basis.transpose(1, 2)).squeeze(-2)  # [B, N, C]
-        inside = (coords.squeeze(-2) ** 2 * self.residual_basis_weight).sum(dim=-1)
-        return diagonal, (inside + (outside**2).sum(dim=-1)) / x.shape[-1]
+        # With an orthonormal basis, |x - sum_k c_k u_k|^2 = |x|^2 - |c|^2: one product with the basis, not two
+        # (the second, with its transpose, doubled the bundle's size and the memory read per frame). A batched
+        # matmul over positions rather than einsum: the form every exporter and TensorRT take.
+        coords = (x.unsqueeze(-2) @ self.residual_basis).squeeze(-2)  # [B, N, K]
+        inside_discount = ((1.0 - self.residual_basis_weight) * coords**2).sum(dim=-1)
+        return diagonal, ((x**2).sum(dim=-1) - inside_discount).clamp_min(0.0) / x.shape[-1]
 
     def forward(
         self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1
