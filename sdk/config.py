@@ -45,10 +45,10 @@ class PatchExpertConfig:
     ``residual_whitening: auto`` fits, after training, the reconstruction residual's statistics at each position
     on the normal training images (mean and spread per channel, and the ``residual_subspace_dim`` principal
     directions the residual varies in) and adds one whitened form of it to the cosine map, diagonal or
-    subspace, with the gain that best separates held-out normals from pseudo-anomalies, if that beats the cosine
-    map alone by a point (a subtle texture defect changes a feature's size more than its direction; a shifted
-    label or a fused part moves the residual out of the directions normal images vary in). ``off``: the cosine
-    map alone. The measurements are in the README, "The detector".
+    subspace, with the gain that best separates held-out normals from pseudo-anomalies, if that removes a tenth
+    of the cosine map's error (a subtle texture defect changes a feature's size more than its direction; a
+    shifted label or a fused part moves the residual out of the directions normal images vary in). ``off``: the
+    cosine map alone. The measurements are in the README, "The detector".
     """
 
     num_experts: int = 2

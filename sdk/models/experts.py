@@ -48,12 +48,11 @@ class PatchExpert(nn.Module):
 
     - diagonal: tap t's distance gets ``residual_gain[t]`` times the mean of (x / ``residual_std``)^2 over its
       channels (``residual_std`` [N, C], the normal spread at that position and channel);
-    - subspace: the map gets ``residual_subspace_gain`` times a distance from the normal residuals' principal subspace at
-      that position: (sum_k w_k (u_k . x)^2 + |x - sum_k (u_k . x) u_k|^2) / C with the orthonormal basis u_k
-      (``residual_basis`` [N, C, K], zero columns where unfitted) and weights w_k = floor / (variance_k + floor)
-      in [0, 1]
-      (``residual_basis_weight`` [N, K]): a Mahalanobis distance, scaled by the floor, that sees a residual
-      leaving the directions normal images vary in, whatever its size.
+    - subspace: the map gets ``residual_subspace_gain`` times a distance from the normal residuals' principal
+      subspace at that position: (sum_k w_k (u_k . x)^2 + |x - sum_k (u_k . x) u_k|^2) / C with the orthonormal
+      basis u_k (``residual_basis`` [N, C, K], zero columns where unfitted) and weights w_k = floor /
+      (variance_k + floor) in [0, 1] (``residual_basis_weight`` [N, K]): a Mahalanobis distance, scaled by the
+      floor, that sees a residual leaving the directions normal images vary in, whatever its size.
     """
 
     def __init__(self, config: PatchExpertConfig, tap_channels: list[int], grid_size: int):
@@ -115,11 +114,13 @@ class PatchExpert(nn.Module):
                 damped = pred * easy_scale + pred.detach() * (1.0 - easy_scale)
                 losses.append(cosine_distance(target, torch.where(easy, damped, pred), dim=-1).mean(dim=1))
         b, n = tokens.shape[:2]
+        anomaly_map = torch.stack(distances, 0).mean(0)  # [B, N]
         if self.whitened and easy_fraction is None:
             diagonal, subspace = self.whitened_residuals(tokens, recon)
-            distances = [d + self.residual_gain[t] * w for t, (d, w) in enumerate(zip(distances, diagonal))]
-            distances = [d + self.residual_subspace_gain * subspace for d in distances]  # the same term on every tap
-        anomaly_map = torch.stack(distances, 0).mean(0).view(b, 1, self.grid_size, self.grid_size)
+            # The mean over taps of each tap's distance plus its gain times its diagonal term, then the subspace.
+            diagonal_term = (torch.stack(diagonal, -1) * self.residual_gain).mean(-1)
+            anomaly_map = anomaly_map + diagonal_term + self.residual_subspace_gain * subspace
+        anomaly_map = anomaly_map.view(b, 1, self.grid_size, self.grid_size)
         loss = torch.stack(losses, 0).mean(0) if losses else None
         return ExpertOutput(anomaly_map, loss, representation)
 

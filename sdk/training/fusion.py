@@ -71,10 +71,9 @@ def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: l
     anomalies = torch.cat([sets["blatant"].images, sets["subtle"].images])
     scores = np.concatenate([level_scores(model, val_images), level_scores(model, anomalies)])
     labels = np.r_[np.zeros(len(val_images)), np.ones(len(anomalies))]
-    normals = val_images
     present = model.level_matrix.sum(dim=1) > 0
     separation = np.array([auroc(labels, scores[:, i]) if present[i] else 0.5 for i in range(len(LEVELS))])
-    noise = scores[: len(normals)].std(axis=0, ddof=1) if len(normals) > 1 else np.ones(len(LEVELS))
+    noise = scores[: len(val_images)].std(axis=0, ddof=1) if len(val_images) > 1 else np.ones(len(LEVELS))
     noise = np.maximum(noise, 0.1 * np.median(noise[present.numpy()]) + 1e-12)  # a near-constant level cannot take it all
     shares = np.asarray(base, dtype=np.float64) * present.numpy() * np.maximum(separation - 0.5, 0.0) ** 2 / noise
     fallback = shares.sum() <= 0
@@ -86,6 +85,6 @@ def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: l
         "pseudo_auroc": {level: float(separation[i]) for i, level in enumerate(LEVELS) if present[i]},
         "normal_score_std": {level: float(noise[i]) for i, level in enumerate(LEVELS) if present[i]},
         "level_weights": {level: float(model.level_weights[i]) for i, level in enumerate(LEVELS)},
-        "images": {"normal": len(normals), "blatant": len(sets["blatant"].images), "subtle": len(sets["subtle"].images)},
+        "images": {"normal": len(val_images), "blatant": len(sets["blatant"].images), "subtle": len(sets["subtle"].images)},
         "fallback_to_base": bool(fallback),
     }

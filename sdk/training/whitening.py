@@ -87,8 +87,7 @@ def fit_residual_statistics(model: AnomalyMoE, train: EncoderFeatures, batch_siz
         basis, weights = _principal_subspace(centred, expert.residual_basis.shape[-1], floor)
         expert.residual_basis.copy_(basis)
         expert.residual_basis_weight.copy_(weights)
-        tokens_like = expert.residual_mean + centred  # the residual again, as whitened_residuals takes it
-        per_tap, distance = expert.whitened_residuals(tokens_like, torch.zeros_like(tokens_like))
+        per_tap, distance = expert.whitened_residuals(residual, torch.zeros_like(residual))
         cosine = torch.cat(cosines)  # [M, N, T]
         spread = cosine.flatten(0, 1).std(dim=0)  # [T]
         diagonal.append(spread / torch.stack(per_tap, -1).flatten(0, 1).std(dim=0).clamp_min(1e-12))
