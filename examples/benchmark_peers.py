@@ -2,8 +2,8 @@
 metric implementation (ours), one table.
 
 Usage: python examples/benchmark_peers.py DATA_DIR [--categories kit pins ...] [--runs runs] [--bundles bundles/peers]
-                                          [--threads 2] [--skip-patchcore | --skip-peers] [--retrain] [--int8] [--student]
-                                          [--json-out peers.json]
+                                          [--models ours ours-int8 student padim patchcore] [--threads 2] [--retrain]
+                                          [--no-latency] [--json-out peers.json] [--merge earlier.json ...]
 
 Needs the ``peers`` extra (anomalib; it keeps our torch): pip install -e ".[peers]"
 
@@ -19,9 +19,12 @@ machine: ours includes encoding and calibration; the peers' includes feature ext
 the coreset. Latency is end to end at batch 1 with 2 threads on each model's OpenVINO FP32 export: resize of the
 frame, inference, the map back at the frame's size (ours through ``EdgeDetector.predict``).
 
-``--int8`` adds our INT8 OpenVINO bundle (``amoe convert --target intel --precision int8``, through its accuracy
-gate), ``--student`` the student ``amoe distill`` makes from our run with its defaults (RUNS/<category>-student),
-each scored through ``EdgeDetector`` on the same test images.
+``--models`` picks the columns (default: ours, padim, patchcore): ``ours-int8`` is our INT8 OpenVINO bundle (``amoe
+convert --target intel --precision int8``, through its accuracy gate), ``student`` the student ``amoe distill``
+makes from our run with its defaults (RUNS/<category>-student), each scored through its bundle on the same test
+images. The peers' figures do not change with ours, and PatchCore's coreset is slow, so a run's ``--json-out``
+can be laid under a later run's with ``--merge`` and printed as one table. ``--no-latency`` skips the latency
+column: for a run pinned to one core beside other work, whose timings would mean nothing.
 """
 
 import argparse
@@ -43,6 +46,7 @@ from amoe_sdk.data.layouts import read_dataset
 from amoe_sdk.evaluation.evaluate import evaluate, score_predictions
 from amoe_sdk.models.encoders import Lite0Encoder
 from amoe_sdk.models.lite0_weights import load_lite0_state_dict
+from amoe_sdk.outputs import atomic_write_text
 from bench_common import bundle_accuracy, call_latency
 
 SIZE = 256
@@ -152,65 +156,88 @@ def peer_step(compiled):
     return step
 
 
-def bundle_latency(bundle: Path, category: Path, threads: int) -> tuple[float, float]:
-    """p50, p99 ms of ``EdgeDetector.predict`` on the category's test frames: resize, inference, map back."""
-    frames = [read_image(s.image_path) for s in read_dataset(category, require_test=True).test]
-    with EdgeDetector(bundle, threads=threads) as detector:
-        return call_latency(lambda f: detector.predict(f).score, frames, LATENCY_RUNS)
+def bundle_timer(bundle: Path, category: Path, threads: int):
+    """-> a call giving p50, p99 ms of ``EdgeDetector.predict`` on the category's test frames: resize, inference,
+    map back."""
+    def timer() -> tuple[float, float]:
+        frames = [read_image(s.image_path) for s in read_dataset(category, require_test=True).test]
+        with EdgeDetector(bundle, threads=threads) as detector:
+            return call_latency(lambda f: detector.predict(f).score, frames, LATENCY_RUNS)
+
+    return timer
 
 
-def run_result(run: Path, category: Path, bundle: Path, threads: int) -> dict:
-    """A run of ours scored in PyTorch (``evaluate``: per defect and per level) and timed through its FP32 OpenVINO
-    bundle, written to ``bundle``."""
-    model, _ = load_detector(run)
-    result = evaluate(model, read_dataset(category, require_test=True), show_progress=False)
-    p50, p99 = bundle_latency(convert(run, bundle, ConvertOptions(target="intel")), category, threads)
-    return {**result, "train_seconds": read_checkpoint(run)["train_seconds"], "p50_ms": p50, "p99_ms": p99}
-
-
-def ours(category: Path, runs: Path, bundles: Path, retrain: bool, threads: int) -> dict:
+def trained_run(category: Path, runs: Path, retrain: bool = False) -> Path:
+    """RUNS/<category>, trained with the default config where it has no finished run (or with ``retrain``)."""
     from amoe_sdk.training.trainer import train
 
     run = runs / category.name
     if retrain or not (run / "model.pt").is_file():
         train(category, run, load_config(), resume=False)
-    return run_result(run, category, bundles / f"{category.name}-ours-intel", threads)
+    return run
 
 
-def ours_int8(category: Path, runs: Path, bundles: Path, threads: int) -> dict:
+def run_result(run: Path, category: Path, bundle: Path, threads: int):
+    """A run of ours scored in PyTorch (``evaluate``: per defect and per level), and the timer of its FP32 OpenVINO
+    bundle, written to ``bundle``."""
+    model, _ = load_detector(run)
+    result = evaluate(model, read_dataset(category, require_test=True), show_progress=False)
+    result["train_seconds"] = read_checkpoint(run)["train_seconds"]
+    return result, bundle_timer(convert(run, bundle, ConvertOptions(target="intel")), category, threads)
+
+
+def ours(category: Path, args):
+    run = trained_run(category, args.runs, args.retrain)
+    return run_result(run, category, args.bundles / f"{category.name}-ours-intel", args.threads)
+
+
+def ours_int8(category: Path, args):
     """Our INT8 OpenVINO bundle, scored through its backend on the test images (a bundle has no PyTorch twin)."""
     from amoe_sdk.errors import ConversionError
 
-    run = runs / category.name
+    run = trained_run(category, args.runs)
     try:
-        bundle = convert(run, bundles / f"{category.name}-ours-intel-int8", ConvertOptions(target="intel", precision="int8"))
+        bundle = convert(run, args.bundles / f"{category.name}-ours-intel-int8", ConvertOptions(target="intel", precision="int8"))
     except ConversionError as exc:  # the accuracy gate refused: a result too, printed as such
-        return {"refused": str(exc)}
+        return {"refused": str(exc)}, None
     dataset = read_dataset(category, require_test=True)
-    accuracy = bundle_accuracy(bundle, dataset.test, threads)
-    p50, p99 = bundle_latency(bundle, category, threads)
-    return {**score_predictions(dataset, accuracy["scores"], accuracy["maps"]),
-            "train_seconds": read_checkpoint(run)["train_seconds"], "p50_ms": p50, "p99_ms": p99}
+    accuracy = bundle_accuracy(bundle, dataset.test, args.threads)
+    result = {**score_predictions(dataset, accuracy["scores"], accuracy["maps"]), "train_seconds": read_checkpoint(run)["train_seconds"]}
+    return result, bundle_timer(bundle, category, args.threads)
 
 
-def student(category: Path, runs: Path, bundles: Path, threads: int) -> dict:
+def student(category: Path, args):
     from amoe_sdk.training.distill import distill
 
-    out = runs / f"{category.name}-student"
+    teacher = trained_run(category, args.runs)
+    out = args.runs / f"{category.name}-student"
     if not (out / "model.pt").is_file():
-        distill(runs / category.name, category, out, resume=False)
-    return run_result(out, category, bundles / f"{category.name}-student-intel", threads)
+        distill(teacher, category, out, resume=False)
+    return run_result(out, category, args.bundles / f"{category.name}-student-intel", args.threads)
 
 
-def peer(kind: str, category: Path, bundles: Path, coreset: float) -> dict:
-    dataset = read_dataset(category, require_test=True)
-    fitted = Peer(kind, load_resized(dataset.train), coreset)
-    scores, maps = fitted.predict(load_resized([s.image_path for s in dataset.test]))
-    result = score_predictions(dataset, scores, maps)
-    compiled = fitted.export_openvino(bundles / f"{category.name}-{kind}")
-    frames = [read_image(s.image_path) for s in dataset.test]
-    p50, p99 = call_latency(peer_step(compiled), frames, LATENCY_RUNS)
-    return {**result, "train_seconds": fitted.train_seconds, "p50_ms": p50, "p99_ms": p99}
+def peer(kind: str):
+    def measure(category: Path, args):
+        dataset = read_dataset(category, require_test=True)
+        fitted = Peer(kind, load_resized(dataset.train), args.coreset)
+        scores, maps = fitted.predict(load_resized([s.image_path for s in dataset.test]))
+        result = {**score_predictions(dataset, scores, maps), "train_seconds": fitted.train_seconds}
+        compiled = fitted.export_openvino(args.bundles / f"{category.name}-{kind}")
+        frames = [read_image(s.image_path) for s in dataset.test]
+        return result, lambda: call_latency(peer_step(compiled), frames, LATENCY_RUNS)
+
+    return measure
+
+
+# Each column: (category, args) -> (result, a call that times it, or None where there is nothing to time).
+MODELS = {"ours": ours, "ours-int8": ours_int8, "student": student, "padim": peer("padim"), "patchcore": peer("patchcore")}
+
+
+def measure(model: str, category: Path, args) -> dict:
+    result, timer = MODELS[model](category, args)
+    if timer is not None and args.latency:
+        result["p50_ms"], result["p99_ms"] = timer()
+    return result
 
 
 def main() -> int:
@@ -219,37 +246,44 @@ def main() -> int:
     parser.add_argument("--categories", nargs="+", help="default: every category in DATA_DIR")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="our runs: RUNS/<category> (trained when missing)")
     parser.add_argument("--bundles", type=Path, default=Path("bundles/peers"), help="OpenVINO exports for the latency column")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["ours", "padim", "patchcore"],
+                        help="the columns, in this order (default: ours padim patchcore)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--coreset", type=float, default=0.1, help="PatchCore coreset sampling ratio (default 0.1)")
-    parser.add_argument("--skip-patchcore", action="store_true", help="PatchCore's coreset takes minutes per category")
-    parser.add_argument("--skip-peers", action="store_true", help="our models only (the peers' figures do not change with ours)")
     parser.add_argument("--retrain", action="store_true", help="train our detector again even where a finished run exists")
-    parser.add_argument("--int8", action="store_true", help="add our INT8 OpenVINO bundle (through the accuracy gate)")
-    parser.add_argument("--student", action="store_true", help="add the student amoe distill makes from our run")
+    parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency column")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--merge", type=Path, nargs="+", default=[],
+                        help="--json-out files of earlier runs: their models join the table where this run has none")
     args = parser.parse_args()
-    try:
-        import anomalib  # noqa: F401
-    except ImportError:
-        print('benchmark_peers.py needs anomalib: pip install -e ".[peers]"', file=sys.stderr)
-        return 2
+    if any(m in ("padim", "patchcore") for m in args.models):
+        try:
+            import anomalib  # noqa: F401
+        except ImportError:
+            print('benchmark_peers.py needs anomalib for the peers: pip install -e ".[peers]"', file=sys.stderr)
+            return 2
+    for path in args.merge:
+        if not path.is_file():
+            print(f"--merge {path} does not exist: pass a file an earlier --json-out wrote", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     names = args.categories or sorted(p.name for p in args.data.iterdir() if (p / "train" / "good").is_dir())
-    kinds = [] if args.skip_peers else ["padim"] + ([] if args.skip_patchcore else ["patchcore"])
     results: dict[str, dict[str, dict]] = {}
     for name in names:
-        category = args.data / name
-        results[name] = {"ours": ours(category, args.runs, args.bundles, args.retrain, args.threads)}
-        if args.int8:
-            results[name]["ours-int8"] = ours_int8(category, args.runs, args.bundles, args.threads)
-        if args.student:
-            results[name]["student"] = student(category, args.runs, args.bundles, args.threads)
-        for kind in kinds:
-            results[name][kind] = peer(kind, category, args.bundles, args.coreset)
+        results[name] = {model: measure(model, args.data / name, args) for model in args.models}
         print(f"done {name}", file=sys.stderr, flush=True)
-    print_tables(results, ["ours"] + ["ours-int8"] * args.int8 + ["student"] * args.student + kinds)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=1, default=float))
+        if args.json_out:  # after every category: an interrupted run keeps what it measured
+            atomic_write_text(args.json_out, json.dumps(results, indent=1, default=float))
+    models = list(args.models)
+    for path in args.merge:
+        for name, by_model in json.loads(path.read_text()).items():
+            if name not in results:
+                continue
+            for model, result in by_model.items():
+                results[name].setdefault(model, result)
+                if model not in models:
+                    models.append(model)
+    print_tables(results, models)
     return 0
 
 
@@ -258,21 +292,26 @@ def print_tables(results: dict, models: list[str]) -> None:
     print("|---|---|---|---|---|---|---|")
     for name, by_model in results.items():
         for model in models:
-            r = by_model[model]
+            r = by_model.get(model)
+            if r is None:
+                print(f"| {name} | {model} | not run | | | | |")
+                continue
             if "refused" in r:
                 print(f"| {name} | {model} | refused by the INT8 gate: {r['refused'][:120]} | | | | |")
                 continue
+            latency = f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}" if "p50_ms" in r else "not measured"
             print(f"| {name} | {model} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
-                  f"{r['train_seconds']:.0f} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} |")
-    means = {m: np.mean([results[n][m].get("image_auroc", np.nan) for n in results]) for m in models}
+                  f"{r['train_seconds']:.0f} | {latency} |")
+    means = {m: np.mean([results[n].get(m, {}).get("image_auroc", np.nan) for n in results]) for m in models}
     print("\nmean image AUROC: " + ", ".join(f"{m} {v:.3f}" for m, v in means.items()))
     print("\n| category | defect | " + " | ".join(f"{m} image / pixel" for m in models) + " |")
     print("|---|---|" + "---|" * len(models))
     for name, by_model in results.items():
-        for defect in by_model[models[0]]["per_defect"]:
+        scored = [by_model[m] for m in models if "per_defect" in by_model.get(m, {})]
+        for defect in scored[0]["per_defect"] if scored else []:
             cells = [
                 f"{by_model[m]['per_defect'][defect]['image_auroc']:.3f} / {by_model[m]['per_defect'][defect]['pixel_auroc']:.3f}"
-                if "per_defect" in by_model[m] else "-" for m in models
+                if "per_defect" in by_model.get(m, {}) else "-" for m in models
             ]
             print(f"| {name} | {defect} | " + " | ".join(cells) + " |")
 

@@ -113,7 +113,7 @@ class PatchExpert(nn.Module):
                 # Same value, scaled gradient on easy positions: hard mining without hooks.
                 damped = pred * easy_scale + pred.detach() * (1.0 - easy_scale)
                 losses.append(cosine_distance(target, torch.where(easy, damped, pred), dim=-1).mean(dim=1))
-        b, n = tokens.shape[:2]
+        b = tokens.shape[0]
         anomaly_map = torch.stack(distances, 0).mean(0)  # [B, N]
         if self.whitened and easy_fraction is None:
             diagonal, subspace = self.whitened_residuals(tokens, recon)

@@ -77,10 +77,8 @@ def default_student_model(teacher: ModelConfig, usage: TeacherUsage) -> ModelCon
     return ModelConfig(
         input_size=-(-teacher.input_size // 32) * 32,
         encoder=EncoderConfig(name="lite0", taps=list(STUDENT_TAPS), grid_size=teacher.encoder.grid_size),
-        patch=PatchExpertConfig(
-            num_experts=per_level["patch"], embed_dim=64, bottleneck_hidden=128, depth=1, num_heads=2,
-            residual_whitening="off",  # the student learns its teacher's maps, whitened part and all
-        ),
+        # Residual whitening as the teacher's (auto): fitted on the student's own residuals after distillation.
+        patch=PatchExpertConfig(num_experts=per_level["patch"], embed_dim=64, bottleneck_hidden=128, depth=1, num_heads=2),
         component=ComponentExpertConfig(
             num_experts=per_level["component"], num_slots=teacher.component.num_slots, hidden_dim=128, code_dim=32,
             area_weight=teacher.component.area_weight,

@@ -76,8 +76,8 @@ def fit_feature_statistics(model: AnomalyMoE, train: EncoderFeatures, config: Am
 @torch.no_grad()
 def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig, refit: bool = True) -> dict:
     """Per-expert map statistics on normal validation images (never the test set), and their image scores.
-    ``refit=False`` keeps the model's normalisation (a distilled student's, learned against its teacher) and
-    only measures the scores."""
+    ``refit=False`` keeps the model's normalisation and only measures the scores (after the level shares
+    changed)."""
     model.eval()
     maps, logits, weights = [], [], []
     for start in range(0, len(val_images), 16):
