@@ -121,6 +121,8 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
     check_bundle_destination(Path(out))
     started = time.time()
     model, payload = load_detector(checkpoint)
+    for expert in model.patch_experts:  # the same maps, without the whitened form that was not chosen
+        expert.drop_unused_whitening()
     source_file = Path(payload["path"]).resolve()
     size = model.config.input_size
     paths, source = calibration_paths(payload, options.calib_data)

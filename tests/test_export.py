@@ -170,3 +170,28 @@ def test_whitened_patch_maps_export_with_parity(measured_run, sample_root, tmp_p
     torch.save(payload, run / "model.pt")
     report = verify(convert(run, tmp_path / "bundle", ConvertOptions(target=target)), sample_root / "washer", show_progress=False)
     assert report["passed"] and report["label_flips"] == 0 and report["map_rel_diff_max"] < 1e-4
+
+
+def test_an_export_leaves_out_the_whitened_form_that_was_not_chosen(measured_run, sample_root, tmp_path):
+    """Only the chosen form is in the graph: the same maps, and the other form's statistics are not in the file."""
+    payload = torch.load(measured_run / "model.pt", weights_only=True)
+    sizes = {}
+    for form in ("diagonal", "subspace"):
+        state = dict(payload["state_dict"])
+        for key in [k for k in state if k.endswith((".residual_gain", ".residual_subspace_gain"))]:
+            chosen = key.endswith(".residual_gain") == (form == "diagonal")
+            state[key] = torch.ones_like(state[key]) if chosen else torch.zeros_like(state[key])
+        # A form switched off can lower a map below its calibration: lift every map well above its normal range.
+        state["map_low"] = state["map_low"] - 10 * (state["map_high"] - state["map_low"])
+        run = tmp_path / form
+        run.mkdir()
+        torch.save({**payload, "state_dict": state}, run / "model.pt")
+        bundle = convert(run, tmp_path / f"{form}-bundle", ConvertOptions(target="onnx"))
+        report = verify(bundle, sample_root / "washer", show_progress=False)
+        assert report["passed"] and report["label_flips"] == 0 and report["map_rel_diff_max"] < 1e-4
+        graph = onnx.load(str(next(bundle.glob("*.onnx"))))
+        initializer_sizes = [int(np.prod(t.dims)) for t in graph.graph.initializer]
+        basis_size = int(np.prod(state["patch_experts.0.residual_basis"].shape))
+        assert (basis_size in initializer_sizes) == (form == "subspace"), form
+        sizes[form] = sum(initializer_sizes)
+    assert sizes["diagonal"] < sizes["subspace"]

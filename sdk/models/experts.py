@@ -68,6 +68,7 @@ class PatchExpert(nn.Module):
         self.norm = nn.LayerNorm(config.embed_dim, eps=1e-5)
         self.head = nn.Linear(config.embed_dim, channels)
         self.whitened = config.residual_whitening != "off"
+        self.whitening_forms: tuple[str, ...] = ("diagonal", "subspace") if self.whitened else ()
         if self.whitened:
             self.register_buffer("residual_mean", torch.zeros(grid_size * grid_size, channels))
             self.register_buffer("residual_std", torch.ones(grid_size * grid_size, channels))
@@ -88,14 +89,33 @@ class PatchExpert(nn.Module):
         """(per tap, the mean squared residual in units of its normal spread at each position, [B, N] each;
         the subspace distance [B, N]), both as the class docstring defines them."""
         x = tokens - recon - self.residual_mean  # [B, N, C]
+        return self._diagonal_terms(x), self._subspace_distance(x)
+
+    def _diagonal_terms(self, x: torch.Tensor) -> list[torch.Tensor]:
         z = (x / self.residual_std) ** 2
-        diagonal = [part.mean(dim=-1) for part in z.split(self.tap_channels, -1)]
+        return [part.mean(dim=-1) for part in z.split(self.tap_channels, -1)]
+
+    def _subspace_distance(self, x: torch.Tensor) -> torch.Tensor:
         # With an orthonormal basis, |x - sum_k c_k u_k|^2 = |x|^2 - |c|^2: one product with the basis, not two
         # (the second, with its transpose, doubled the bundle's size and the memory read per frame). A batched
         # matmul over positions rather than einsum: the form every exporter and TensorRT take.
         coords = (x.unsqueeze(-2) @ self.residual_basis).squeeze(-2)  # [B, N, K]
         inside_discount = ((1.0 - self.residual_basis_weight) * coords**2).sum(dim=-1)
-        return diagonal, ((x**2).sum(dim=-1) - inside_discount).clamp_min(0.0) / x.shape[-1]
+        return ((x**2).sum(dim=-1) - inside_discount).clamp_min(0.0) / x.shape[-1]
+
+    def drop_unused_whitening(self) -> list[str]:
+        """Leave out of ``forward`` each whitened form whose gain is zero (the same maps; an export then carries
+        neither its computation nor its statistics: the subspace basis is 17 MB of a 39 MB teacher bundle).
+        -> the forms left out. For exporting a finished model; training and calibration keep both."""
+        if not self.whitened:
+            return []
+        dropped = []
+        if "diagonal" in self.whitening_forms and not bool(self.residual_gain.any()):
+            dropped.append("diagonal")
+        if "subspace" in self.whitening_forms and not bool(self.residual_subspace_gain.any()):
+            dropped.append("subspace")
+        self.whitening_forms = tuple(form for form in self.whitening_forms if form not in dropped)
+        return dropped
 
     def forward(
         self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1
@@ -115,11 +135,13 @@ class PatchExpert(nn.Module):
                 losses.append(cosine_distance(target, torch.where(easy, damped, pred), dim=-1).mean(dim=1))
         b = tokens.shape[0]
         anomaly_map = torch.stack(distances, 0).mean(0)  # [B, N]
-        if self.whitened and easy_fraction is None:
-            diagonal, subspace = self.whitened_residuals(tokens, recon)
-            # The mean over taps of each tap's distance plus its gain times its diagonal term, then the subspace.
-            diagonal_term = (torch.stack(diagonal, -1) * self.residual_gain).mean(-1)
-            anomaly_map = anomaly_map + diagonal_term + self.residual_subspace_gain * subspace
+        if self.whitening_forms and easy_fraction is None:
+            x = tokens - recon - self.residual_mean
+            if "diagonal" in self.whitening_forms:
+                # The mean over taps of each tap's distance plus its gain times its diagonal term.
+                anomaly_map = anomaly_map + (torch.stack(self._diagonal_terms(x), -1) * self.residual_gain).mean(-1)
+            if "subspace" in self.whitening_forms:
+                anomaly_map = anomaly_map + self.residual_subspace_gain * self._subspace_distance(x)
         anomaly_map = anomaly_map.view(b, 1, self.grid_size, self.grid_size)
         loss = torch.stack(losses, 0).mean(0) if losses else None
         return ExpertOutput(anomaly_map, loss, representation)
