@@ -16,6 +16,7 @@ from pathlib import Path
 
 from amoe_sdk.errors import UsageError
 from amoe_sdk.outputs import WRITER_MARKER, mark_as_ours, remove_stale_writers, stale_writer
+from amoe_sdk.process import raise_if_signalled
 from amoe_sdk.runtimes.bundle import AFTER_CONVERSION, MANIFEST_NAME, sha256_of
 from amoe_sdk.runtimes.manifest import BundleManifest, manifest_digest
 
@@ -101,6 +102,7 @@ class BundleWriter:
 
     def commit(self, manifest: dict) -> Path:
         """Hash every file, check the manifest against the schema, write it with its digest, swap the folder in."""
+        raise_if_signalled()  # an interrupt a library swallowed must not end as a new bundle
         (self.tmp / WRITER_MARKER).unlink()
         files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
         manifest["files"] = {p.relative_to(self.tmp).as_posix(): sha256_of(p) for p in files}

@@ -22,16 +22,37 @@ class Terminated(BaseException):
     """SIGTERM arrived. A BaseException like KeyboardInterrupt, so that ``except Exception`` does not swallow it."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+# The signal that arrived during run_command, kept beyond its exception: in the test suite a SIGINT sent during
+# amoe-convert ended with exit 0 and no message, so something in the conversion swallowed its KeyboardInterrupt
+# (a library catching BaseException, or C++ calling back into Python). Whatever is about to be committed asks again.
+_received: int | None = None
+
+
+def _on_signal(signum, frame) -> None:
+    global _received
+    _received = signum
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def raise_if_signalled() -> None:
+    """Raise the exception of a SIGINT or SIGTERM that arrived during ``run_command``, even if it was swallowed:
+    call it before committing a result, so that an interrupted command never leaves one."""
+    if _received == signal.SIGINT:
+        raise KeyboardInterrupt()
+    if _received == signal.SIGTERM:
+        raise Terminated()
 
 
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run ``command`` and turn how it ended into an exit code, with one line on stderr instead of a traceback."""
+    global _received
     in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    _received = None
     try:
-        return command()
+        code = command()
+        raise_if_signalled()
+        return code
     except AmoeError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -42,5 +63,6 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
         print(f"{prog}: terminated (SIGTERM); nothing half-written was kept", file=sys.stderr)
         return TERMINATED_EXIT
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _received = None  # what it recorded belongs to this command only

@@ -405,6 +405,27 @@ def test_amoe_convert_interrupted_or_terminated_exits_cleanly_and_leaves_nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("sent, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_swallowed_interrupt_still_ends_the_command_with_its_code_and_commits_nothing(tmp_path, sent, code):
+    """A library that catches the signal's exception must not turn an interrupted conversion into a bundle."""
+    from amoe_sdk.converters.bundle_writer import BundleWriter
+    from amoe_sdk.process import run_command
+
+    def command() -> int:
+        with BundleWriter(tmp_path / "bundle") as writer:
+            writer.path("model.onnx").write_bytes(b"onnx")
+            try:
+                os.kill(os.getpid(), sent)
+                time.sleep(5)  # the handler runs here
+            except BaseException:  # what such a library does
+                pass
+            writer.commit({})
+        return 0
+
+    assert run_command("amoe-convert", command) == code
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_verify_finds_the_source_from_another_directory_and_names_a_wrong_reference(tiny_run, line_run, sample_root, tmp_path, monkeypatch, capsys):
     shutil.copytree(tiny_run, tmp_path / "runs" / "tiny")
     monkeypatch.chdir(tmp_path)
