@@ -217,7 +217,7 @@ def student(category: Path, args):
 
 
 def peer(kind: str):
-    def measure(category: Path, args):
+    def fit_and_score(category: Path, args):
         dataset = read_dataset(category, require_test=True)
         fitted = Peer(kind, load_resized(dataset.train), args.coreset)
         scores, maps = fitted.predict(load_resized([s.image_path for s in dataset.test]))
@@ -226,7 +226,7 @@ def peer(kind: str):
         frames = [read_image(s.image_path) for s in dataset.test]
         return result, lambda: call_latency(peer_step(compiled), frames, LATENCY_RUNS)
 
-    return measure
+    return fit_and_score
 
 
 # Each column: (category, args) -> (result, a call that times it, or None where there is nothing to time).

@@ -48,7 +48,6 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     global _received
     in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    _received = None
     try:
         code = command()
         raise_if_signalled()

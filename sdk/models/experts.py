@@ -103,19 +103,13 @@ class PatchExpert(nn.Module):
         inside_discount = ((1.0 - self.residual_basis_weight) * coords**2).sum(dim=-1)
         return ((x**2).sum(dim=-1) - inside_discount).clamp_min(0.0) / x.shape[-1]
 
-    def drop_unused_whitening(self) -> list[str]:
+    def drop_unused_whitening(self) -> None:
         """Leave out of ``forward`` each whitened form whose gain is zero (the same maps; an export then carries
-        neither its computation nor its statistics: the subspace basis is 17 MB of a 39 MB teacher bundle).
-        -> the forms left out. For exporting a finished model; training and calibration keep both."""
-        if not self.whitened:
-            return []
-        dropped = []
-        if "diagonal" in self.whitening_forms and not bool(self.residual_gain.any()):
-            dropped.append("diagonal")
-        if "subspace" in self.whitening_forms and not bool(self.residual_subspace_gain.any()):
-            dropped.append("subspace")
-        self.whitening_forms = tuple(form for form in self.whitening_forms if form not in dropped)
-        return dropped
+        neither its computation nor its statistics: the subspace basis is 17 MB of a 39 MB teacher bundle). For
+        exporting a finished model; training and calibration keep both."""
+        if self.whitened:
+            gains = {"diagonal": self.residual_gain, "subspace": self.residual_subspace_gain}
+            self.whitening_forms = tuple(form for form in self.whitening_forms if bool(gains[form].any()))
 
     def forward(
         self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1
