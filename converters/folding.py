@@ -98,7 +98,7 @@ class FoldedDetector(nn.Module):
     def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:
         features = self.encoder(images_bgr, with_descriptor=False)  # no router: stop after the last tap
         tokens = standardise_taps(features.taps, self.feature_mean, self.feature_std)
-        slots = self.assigner(tokens) if self.assigner is not None else None
+        slots = self.assigner(tokens, features.components) if self.assigner is not None else None
         maps = []
         for level, expert in zip(self.levels, self.experts):
             if level == "patch":

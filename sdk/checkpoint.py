@@ -78,6 +78,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 # The patch experts' subspace whitening, added after the diagonal one (see ``PatchExpert``).
 SUBSPACE_BUFFERS = ("residual_basis", "residual_basis_weight", "residual_subspace_gain")
+# The component grid's statistics and the composition distance (see ``ComponentAssigner``), added later still.
+COMPOSITION_BUFFERS = ("component_mean", "component_std", "area_mean", "area_precision", "composition_scale")
 
 
 def load_detector(path: str | Path):
@@ -90,6 +92,11 @@ def load_detector(path: str | Path):
     if "level_weights" not in state:
         # Written before level weights were measured per product: they were the config's, fixed.
         config_data["model"]["postprocess"].setdefault("level_weighting", "fixed")
+    if "assigner.prototypes" in state and "assigner.area_mean" not in state:
+        # Written before the component grid and the composition distance: components were assigned on the main
+        # grid, and the maps had no composition term.
+        config_data["model"]["encoder"].setdefault("component_taps", [])
+        config_data["model"]["component"].setdefault("composition_gain", 0.0)
     if "patch_experts.0.head.weight" in state and "patch_experts.0.residual_mean" not in state:
         # Written before residual whitening: the patch experts' maps were the cosine maps alone.
         config_data["model"]["patch"].setdefault("residual_whitening", "off")
@@ -103,6 +110,9 @@ def load_detector(path: str | Path):
     if "patch_experts.0.residual_mean" in state and "patch_experts.0.residual_basis" not in state:
         # Written when whitening was diagonal only: an unfitted subspace (gain 0) leaves its maps as they were.
         unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in SUBSPACE_BUFFERS}
+        state = {**state, **unfitted}
+    if "assigner.prototypes" in state and "assigner.area_mean" not in state:
+        unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in COMPOSITION_BUFFERS}
         state = {**state, **unfitted}
     try:
         model.load_state_dict(state, strict=True)

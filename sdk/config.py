@@ -27,6 +27,11 @@ class EncoderConfig:
     ``taps``: stage indices (Lite0) or block indices (ViT) whose outputs are resampled to one ``grid_size`` grid.
     ``tap_resample``: how a tap finer than the grid reaches it: ``pool`` (average) or ``unshuffle`` (each cell's
     positions side by side as channels, keeping the detail a thin defect leaves; Lite0 only).
+    ``component_taps``: Lite0 stages whose outputs, resampled to a grid ``component_grid_factor`` times finer than
+    ``grid_size``, decide which component each position belongs to: at 16 px per cell a small part fills a cell or
+    two, and a missing or extra one barely changes any component's area; the early stages see its outline. ``[]``:
+    the main taps on the main grid (the default, and the only choice for DINOv2; ``[1, 2]`` with
+    ``component.composition_gain: 1`` is measured in the README).
     ``random_weights``: skip loading weights; for tests only, never the default.
     """
 
@@ -35,6 +40,8 @@ class EncoderConfig:
     taps: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     grid_size: int = 16
     tap_resample: str = "pool"
+    component_taps: list[int] = field(default_factory=list)
+    component_grid_factor: int = 4
     random_weights: bool = False
 
 
@@ -66,8 +73,12 @@ class PatchExpertConfig:
 class ComponentExpertConfig:
     """Component experts: an MLP autoencoder over features mean-pooled inside each of ``num_slots`` components.
 
-    The component of a grid cell is its nearest of ``num_slots`` prototypes, fitted by k-means on normal
-    training features, so the masks come from inside the model with a fixed number of slots.
+    The component of a position is its nearest of ``num_slots`` prototypes, fitted by k-means on normal
+    training features (``encoder.component_taps``), so the masks come from inside the model with a fixed number of
+    slots. ``composition_gain``: after training, the components' areas on the normal training images get their mean
+    and covariance, and each expert's map adds, over the whole image, the Mahalanobis distance of an image's areas
+    from them, in units of the spread of the expert's own map on normal images times this gain (a missing, extra or
+    oversized part changes how much of the image its component covers, and no single position shows it). 0: off.
     """
 
     num_experts: int = 2
@@ -76,6 +87,7 @@ class ComponentExpertConfig:
     code_dim: int = 64
     area_weight: float = 4.0
     kmeans_iters: int = 30
+    composition_gain: float = 0.0
 
 
 @dataclass
@@ -323,6 +335,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.input_size": (32, None, False),
     "model.encoder.taps": (0, None, False),
     "model.encoder.grid_size": (1, None, False),
+    "model.encoder.component_taps": (0, None, False),
+    "model.encoder.component_grid_factor": (1, None, False),
     "model.patch.num_experts": (0, None, False),
     "model.patch.embed_dim": (1, None, False),
     "model.patch.bottleneck_hidden": (1, None, False),
@@ -337,6 +351,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.component.code_dim": (1, None, False),
     "model.component.area_weight": (0, None, False),
     "model.component.kmeans_iters": (1, None, False),
+    "model.component.composition_gain": (0, None, False),
     "model.global.num_experts": (0, None, False),
     "model.global.image_size": (16, None, False),
     "model.global.code_dim": (1, None, False),

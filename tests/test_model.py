@@ -142,6 +142,20 @@ def test_component_centroids_follow_the_component():
     assert slots.areas[0, 1] == 0.25
 
 
+def test_components_are_assigned_on_the_finer_grid_and_pooled_to_the_cells():
+    assigner = ComponentAssigner(num_slots=2, channels=1, grid_size=2, component_channels=1, component_grid=4)
+    assigner.prototypes.copy_(torch.tensor([[0.0], [10.0]]))
+    components = torch.zeros(1, 1, 4, 4)
+    components[0, 0, 0, 0] = 10.0  # one fine position: a quarter of the top-left cell
+    tokens = torch.tensor([[[4.0], [1.0], [2.0], [3.0]]])  # one value per cell
+    slots = assigner(tokens, components)
+    assert slots.areas[0].tolist() == [15 / 16, 1 / 16]
+    assert slots.masks[0, 1].tolist() == [[0.25, 0.0], [0.0, 0.0]]
+    assert slots.features[0, 1].item() == 4.0  # the token of the cell it lies in
+    assert torch.isclose(slots.features[0, 0, 0], torch.tensor((0.75 * 4 + 1 + 2 + 3) / 3.75))
+    assert slots.composition.tolist() == [[0.0, 0.0]]  # no composition term until fitted
+
+
 @pytest.mark.parametrize("activation, map_varies", [("relu", False), ("leaky_relu", True)])
 def test_a_leaky_global_expert_keeps_its_map_alive_where_relu_dies(activation, map_varies):
     torch.manual_seed(0)

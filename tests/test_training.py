@@ -214,3 +214,71 @@ def test_a_checkpoint_from_before_whitening_loads_with_the_cosine_maps_alone(mea
     torch.save(payload, tmp_path / "model.pt")
     model, _ = load_detector(tmp_path)
     assert model.config.patch.residual_whitening == "off" and not any(e.whitened for e in model.patch_experts)
+
+
+def test_the_composition_distance_sees_a_missing_part_that_no_position_shows(tiny_run):
+    import torch
+
+    from amoe_sdk.models.encoders import EncoderFeatures
+    from amoe_sdk.training.composition import fit_composition
+
+    model, _ = load_detector(tiny_run)
+    assigner = model.assigner
+    channels, grid = assigner.prototypes.shape[1], assigner.component_grid
+    # Three components by value: background (0), parts (+5), their shadows (-5); every normal image holds about
+    # 12 part and 6 shadow positions at random places, the anomalous one lacks a part (8 positions fewer).
+    assigner.prototypes.copy_(torch.tensor([[0.0], [5.0], [-5.0]]).expand(3, channels))
+    assigner.component_mean.zero_()
+    assigner.component_std.fill_(1.0)
+    generator = torch.Generator().manual_seed(0)
+
+    def images(count: int, parts: int) -> EncoderFeatures:
+        components = torch.zeros(count, channels, grid, grid)
+        for i in range(count):
+            order = torch.randperm(grid * grid, generator=generator)
+            n_parts = parts + int(torch.randint(-1, 2, (1,), generator=generator))
+            components[i].view(channels, -1)[:, order[:n_parts]] = 5.0
+            components[i].view(channels, -1)[:, order[n_parts : n_parts + 6]] = -5.0
+        taps = torch.randn(count, len(model.feature_mean), model.grid_size, model.grid_size, generator=generator)
+        return EncoderFeatures(model.feature_mean.view(1, -1, 1, 1) + taps * model.feature_std.view(1, -1, 1, 1), None, components)
+
+    normal, anomalous = images(40, 12), images(1, 4)
+    record = fit_composition(model, normal, gain=1.0)
+    distance = lambda f: assigner(model.standardise(f.taps), f.components).composition.sum(dim=1)  # noqa: E731
+    assert distance(anomalous).item() > 3 * record["normal_distance"]["max"]
+    expert = model.component_experts[0]
+    slots = assigner(model.standardise(anomalous.taps), anomalous.components)
+    with_term = expert(slots).anomaly_map
+    expert.composition_scale.zero_()
+    without = expert(slots).anomaly_map
+    assert record["composition_scale"][0] > 0
+    # The part's component (slot 1) lights up by its term of the distance; nothing else changes.
+    terms = slots.composition.clamp_min(0.0)
+    assert terms[0, 1] > 0.5 * distance(anomalous).item()
+    painted = record["composition_scale"][0] * (terms.view(1, -1, 1, 1) * slots.masks).sum(dim=1, keepdim=True)
+    assert torch.allclose(with_term - without, painted, atol=1e-5)
+
+
+def test_a_checkpoint_from_before_the_component_grid_loads_with_components_on_the_main_grid(tiny_run, tmp_path):
+    import torch
+
+    from amoe_sdk.checkpoint import COMPOSITION_BUFFERS
+
+    payload = torch.load(tiny_run / "model.pt", weights_only=True)
+    payload["config"]["model"]["encoder"]["component_taps"] = []
+    payload["config"]["model"]["component"]["composition_gain"] = 0.0
+    channels = len(payload["state_dict"]["feature_mean"])
+    k = payload["state_dict"]["assigner.prototypes"].shape[0]
+    payload["state_dict"]["assigner.prototypes"] = torch.randn(k, channels)
+    for key in [k for k in payload["state_dict"] if k.rsplit(".", 1)[-1] in COMPOSITION_BUFFERS]:
+        del payload["state_dict"][key]
+    older = dict(payload, config={**payload["config"], "model": dict(payload["config"]["model"])})
+    older["config"]["model"]["encoder"] = {k: v for k, v in payload["config"]["model"]["encoder"].items() if not k.startswith("component_")}
+    older["config"]["model"]["component"] = {k: v for k, v in payload["config"]["model"]["component"].items() if k != "composition_gain"}
+    torch.save(older, tmp_path / "model.pt")
+    model, _ = load_detector(tmp_path)
+    assert model.config.encoder.component_taps == [] and model.config.component.composition_gain == 0.0
+    assert model.assigner.component_grid == model.grid_size
+    images = torch.randint(0, 255, (1, 3, model.config.input_size, model.config.input_size)).float()
+    with torch.no_grad():
+        assert torch.isfinite(model(images).anomaly_map).all()

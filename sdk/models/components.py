@@ -1,4 +1,4 @@
-"""Component masks from inside the model: each grid cell belongs to its nearest of K fixed prototypes.
+"""Component masks from inside the model: each position belongs to its nearest of K fixed prototypes.
 
 The prototypes are fitted by k-means on normal training features and stored as a buffer, so the masks are
 computed in the forward pass with a fixed number of slots (no offline segmentation, no variable mask count).
@@ -10,48 +10,85 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 @dataclass
 class ComponentSlots:
-    """``features``: [B, K, C] mean token per slot; ``areas``: [B, K] share of the grid; ``centroids``: [B, K, 2]
-    mean (x, y) in [-1, 1] (0 for an empty slot); ``masks``: [B, K, G, G] one-hot assignment."""
+    """``features``: [B, K, C] mean token per slot; ``areas``: [B, K] share of the image; ``centroids``: [B, K, 2]
+    mean (x, y) in [-1, 1] (0 for an empty slot); ``masks``: [B, K, G, G] share of each grid cell the slot covers;
+    ``composition``: [B, K] each slot's term of the Mahalanobis distance of the slots' square-root areas from those
+    of normal images (they sum to the distance; 0 until fitted)."""
 
     features: torch.Tensor
     areas: torch.Tensor
     centroids: torch.Tensor
     masks: torch.Tensor
+    composition: torch.Tensor
 
 
 class ComponentAssigner(nn.Module):
-    """``forward(tokens [B, N, C])`` -> ``ComponentSlots``.
+    """``forward(tokens [B, N, C], components [B, Cc, A, A] or None)`` -> ``ComponentSlots``.
 
-    Centroids are kept because a component in the wrong place (two parts swapped) has normal features and a
-    normal area: only its position gives it away.
+    Each position of the component grid (A x A, a whole multiple of the token grid G; the token grid itself when
+    ``components`` is None) goes to its nearest prototype; a slot's feature is the mean of the tokens it covers,
+    weighted by how much of each cell it covers. Centroids are kept because a component in the wrong place (two
+    parts swapped) has normal features and a normal area: only its position gives it away.
     """
 
-    def __init__(self, num_slots: int, channels: int, grid_size: int):
+    def __init__(self, num_slots: int, channels: int, grid_size: int, component_channels: int | None = None, component_grid: int | None = None):
         super().__init__()
+        component_channels = component_channels or channels
+        component_grid = component_grid or grid_size
+        if component_grid % grid_size:
+            raise ValueError(f"the component grid ({component_grid}) must be a whole multiple of the token grid ({grid_size})")
         self.grid_size = grid_size
-        self.register_buffer("prototypes", torch.zeros(num_slots, channels))
+        self.component_grid = component_grid
+        self.register_buffer("prototypes", torch.zeros(num_slots, component_channels))
+        # Per-channel statistics of the component taps on normal training images (identity on the main tokens,
+        # which are standardised already).
+        self.register_buffer("component_mean", torch.zeros(component_channels))
+        self.register_buffer("component_std", torch.ones(component_channels))
+        # Normal square-root areas: mean [K] and inverse covariance [K, K]; zeros (no composition term) until fitted.
+        self.register_buffer("area_mean", torch.zeros(num_slots))
+        self.register_buffer("area_precision", torch.zeros(num_slots, num_slots))
         self.register_buffer("slot_ids", torch.arange(num_slots), persistent=False)
-        axis = torch.linspace(-1.0, 1.0, grid_size)
+        axis = torch.linspace(-1.0, 1.0, component_grid)
         yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-        self.register_buffer("coords", torch.stack([xx.flatten(), yy.flatten()], dim=1), persistent=False)  # [N, 2]
+        self.register_buffer("coords", torch.stack([xx.flatten(), yy.flatten()], dim=1), persistent=False)  # [A*A, 2]
 
-    def forward(self, tokens: torch.Tensor) -> ComponentSlots:
-        b, n, _ = tokens.shape
+    def assignment_tokens(self, tokens: torch.Tensor, components: torch.Tensor | None) -> torch.Tensor:
+        """The tokens the prototypes are compared with: [B, A*A, Cc], standardised."""
+        if components is None:
+            return tokens
+        x = (components - self.component_mean.view(1, -1, 1, 1)) / self.component_std.view(1, -1, 1, 1)
+        return x.flatten(2).transpose(1, 2)
+
+    def composition(self, areas: torch.Tensor) -> torch.Tensor:
+        """[B, K] areas -> [B, K] each slot's term of the Mahalanobis distance of their square roots from the normal
+        ones, deviation_k * (precision @ deviation)_k, so that the distance is their sum."""
+        deviation = areas.sqrt() - self.area_mean
+        return (deviation @ self.area_precision) * deviation
+
+    def forward(self, tokens: torch.Tensor, components: torch.Tensor | None = None) -> ComponentSlots:
+        b = tokens.shape[0]
+        assign = self.assignment_tokens(tokens, components)
         # Squared distance up to the per-token constant ||x||^2, which does not change the argmin.
-        scores = tokens @ self.prototypes.t() * 2.0 - (self.prototypes**2).sum(dim=1)  # [B, N, K]
-        nearest = scores.argmax(dim=-1, keepdim=True)  # [B, N, 1]
-        onehot = (nearest == self.slot_ids).to(tokens.dtype).transpose(1, 2)  # [B, K, N]
+        scores = assign @ self.prototypes.t() * 2.0 - (self.prototypes**2).sum(dim=1)  # [B, M, K]
+        nearest = scores.argmax(dim=-1, keepdim=True)  # [B, M, 1]
+        onehot = (nearest == self.slot_ids).to(tokens.dtype).transpose(1, 2)  # [B, K, M]
         counts = onehot.sum(dim=2)  # [B, K]
         # clamp_min, not "+ 1e-8": an exporter may drop a tiny additive constant and turn 0/0 into NaN.
-        denominator = counts.clamp_min(1.0).unsqueeze(-1)
-        slot_features = (onehot @ tokens) / denominator
-        centroids = (onehot @ self.coords) / denominator
-        masks = onehot.view(b, -1, self.grid_size, self.grid_size)
-        return ComponentSlots(slot_features, counts / n, centroids, masks)
+        centroids = (onehot @ self.coords) / counts.clamp_min(1.0).unsqueeze(-1)
+        areas = counts / onehot.shape[2]
+        ratio = self.component_grid // self.grid_size
+        masks = onehot.view(b, -1, self.component_grid, self.component_grid)
+        if ratio > 1:
+            masks = F.avg_pool2d(masks, ratio)  # [B, K, G, G]: the share of each cell
+        cover = masks.flatten(2)  # [B, K, N]
+        # The smallest non-zero cover is one component-grid position, 1 / ratio^2 of a cell.
+        slot_features = (cover @ tokens) / cover.sum(dim=2).clamp_min(1.0 / ratio**2).unsqueeze(-1)
+        return ComponentSlots(slot_features, areas, centroids, masks, self.composition(areas))
 
 
 def kmeans(points: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:

@@ -73,7 +73,9 @@ class AnomalyMoE(nn.Module):
         self.patch_experts = nn.ModuleList(
             PatchExpert(config.patch, self.encoder.tap_channels, grid) for _ in range(config.patch.num_experts)
         )
-        self.assigner = ComponentAssigner(config.component.num_slots, channels, grid)
+        self.assigner = ComponentAssigner(
+            config.component.num_slots, channels, grid, self.encoder.component_channels, self.encoder.component_grid
+        )
         self.component_experts = nn.ModuleList(
             ComponentExpert(config.component, channels) for _ in range(config.component.num_experts)
         )
@@ -153,7 +155,7 @@ class AnomalyMoE(nn.Module):
             expert(tokens, easy_fraction if with_loss else None, easy_scale) for expert in self.patch_experts
         ]
         if len(self.component_experts):
-            slots = self.assigner(tokens)
+            slots = self.assigner(tokens, features.components)
             outputs += [expert(slots, training=with_loss) for expert in self.component_experts]
         if len(self.global_experts):
             b, n, c = tokens.shape

@@ -27,10 +27,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class EncoderFeatures:
     """``taps``: [B, C, G, G], the tapped features side by side on the G x G grid (C = sum of ``tap_channels``).
     ``descriptor``: [B, D], the global image descriptor the router reads (None when not asked for: a detector
-    without a router stops the encoder after its last tap)."""
+    without a router stops the encoder after its last tap). ``components``: [B, Cc, A, A], the
+    ``encoder.component_taps`` on the finer component grid (None when they are the main taps)."""
 
     taps: torch.Tensor
     descriptor: torch.Tensor | None
+    components: torch.Tensor | None = None
+
+    def select(self, index) -> "EncoderFeatures":
+        """The rows ``index`` (a slice or index tensor) of every tensor."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return EncoderFeatures(self.taps[index], pick(self.descriptor), pick(self.components))
+
+    @staticmethod
+    def concat(parts: list["EncoderFeatures"]) -> "EncoderFeatures":
+        """The features of several batches, one after the other."""
+        join = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        return EncoderFeatures(
+            torch.cat([p.taps for p in parts]), join([p.descriptor for p in parts]), join([p.components for p in parts])
+        )
 
 
 class Preprocess(nn.Module):
@@ -150,16 +165,26 @@ class Lite0Encoder(nn.Module):
         factors = [unshuffle_factor(input_size, self.STAGE_STRIDES[t], self.grid_size) if self.unshuffle else 1 for t in self.taps]
         self.tap_channels = [self.STAGE_CHANNELS[t] * r * r for t, r in zip(self.taps, factors)]
         self.descriptor_dim = self.STAGE_CHANNELS[-1]
+        if any(t < 0 or t > 6 for t in config.component_taps):
+            raise ConfigError(f"encoder.component_taps={config.component_taps}: Lite0 taps are stage indices 0-6")
+        self.component_taps = sorted(config.component_taps)
+        self.component_grid = config.grid_size * config.component_grid_factor if self.component_taps else config.grid_size
+        self.component_channels = sum(self.STAGE_CHANNELS[t] for t in self.component_taps) if self.component_taps else sum(self.tap_channels)
 
     def forward(self, images_bgr: torch.Tensor, with_descriptor: bool = True) -> EncoderFeatures:
         x = self.stem(self.preprocess(images_bgr))
-        taps = []
-        last = len(self.stages) - 1 if with_descriptor else self.taps[-1]
+        taps, components = [], []
+        last = len(self.stages) - 1 if with_descriptor else max(self.taps + self.component_taps)
         for index, stage in enumerate(self.stages[: last + 1]):
             x = stage(x)
             if index in self.taps:
                 taps.append(unshuffle_to_grid(x, self.grid_size) if self.unshuffle else resample_to_grid(x, self.grid_size))
-        return EncoderFeatures(torch.cat(taps, dim=1), x.mean(dim=(2, 3)) if with_descriptor else None)
+            if index in self.component_taps:
+                components.append(resample_to_grid(x, self.component_grid))
+        return EncoderFeatures(
+            torch.cat(taps, dim=1), x.mean(dim=(2, 3)) if with_descriptor else None,
+            torch.cat(components, dim=1) if components else None,
+        )
 
 
 class DinoV2Encoder(nn.Module):
@@ -189,6 +214,13 @@ class DinoV2Encoder(nn.Module):
         self.preprocess = Preprocess(IMAGENET_MEAN, IMAGENET_STD)
         self.tap_channels = [net.embed_dim] * tap_groups
         self.descriptor_dim = net.embed_dim
+        if config.component_taps:
+            raise ConfigError(
+                f"encoder.component_taps={config.component_taps}: a ViT has no finer stages to assign components on; "
+                "set model.encoder.component_taps: [] with a DINOv2 encoder (components then use the main taps)"
+            )
+        self.component_grid = config.grid_size
+        self.component_channels = sum(self.tap_channels)
 
     def forward(self, images_bgr: torch.Tensor, with_descriptor: bool = True) -> EncoderFeatures:
         net = self.net

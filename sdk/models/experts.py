@@ -147,7 +147,9 @@ class ComponentExpert(nn.Module):
     ``forward(slots: ComponentSlots)``. A slot's score is the cosine distance of its feature plus
     ``area_weight`` times the squared errors of its sqrt(area) and of its centroid (feature and centroid only
     when the slot is present); the map paints each slot's score over its mask, and an absent part's score,
-    which has no mask, over the whole grid.
+    which has no mask, over the whole grid. Each slot's term of the composition distance of the slots' areas,
+    where positive, times ``composition_scale`` (measured after training; see ``ComponentExpertConfig``), joins its
+    score: a missing or extra part lights its component, not the whole image.
     """
 
     def __init__(self, config: ComponentExpertConfig, channels: int):
@@ -158,6 +160,7 @@ class ComponentExpert(nn.Module):
         self.encoder = Mlp(in_dim, config.hidden_dim, config.code_dim)
         self.decoder = Mlp(config.code_dim, config.hidden_dim, channels + 3)
         self.register_buffer("slot_identity", torch.eye(config.num_slots), persistent=False)
+        self.register_buffer("composition_scale", torch.zeros(()))
 
     def forward(self, slots: ComponentSlots, training: bool = False) -> ExpertOutput:
         b, k, c = slots.features.shape
@@ -171,8 +174,9 @@ class ComponentExpert(nn.Module):
         centroid_error = ((slots.centroids - recon[..., c + 1 :]) ** 2).sum(dim=-1)
         shape_error = self.area_weight * (area_error + present * centroid_error)
         slot_scores = present * feature_error + shape_error  # [B, K]
+        composition = self.composition_scale * slots.composition.clamp_min(0.0)
         # An absent slot has no pixels to paint: its area error goes over the whole image instead.
-        painted = (slot_scores.view(b, k, 1, 1) * slots.masks).sum(dim=1, keepdim=True)
+        painted = ((slot_scores + composition).view(b, k, 1, 1) * slots.masks).sum(dim=1, keepdim=True)
         missing = ((1.0 - present) * shape_error).sum(dim=1).view(b, 1, 1, 1)
         loss = slot_scores.mean(dim=1) if training else None
         return ExpertOutput(painted + missing, loss, code.mean(dim=1))

@@ -43,7 +43,7 @@ from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_res
 from amoe_sdk.training.student import TeacherUsage, load_distill_config, teacher_usage
 from amoe_sdk.training.trainer import (
     calibrate_after_training, calibrate_normalisation, encode_all, fit_feature_statistics, learning_rate,
-    seed_everything, select_features,
+    seed_everything,
 )
 from amoe_sdk.version import __version__
 
@@ -116,26 +116,18 @@ def routed_outputs(
 @torch.no_grad()
 def teacher_pass(teacher: AnomalyMoE, images: torch.Tensor, batch_size: int = 8, desc: str = "teacher") -> tuple[TeacherTargets, EncoderFeatures]:
     """Teacher targets on uint8 images [N, 3, S, S], and its encoder features (for the routing analysis)."""
-    maps, scores, taps, descriptors = [], [], [], []
+    maps, scores, features = [], [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
         chunk = images[start : start + batch_size].float()
-        features = teacher.encode(chunk)
-        level_maps, chunk_scores = routed_outputs(teacher, teacher.normalise_maps, features, chunk)
+        features.append(teacher.encode(chunk))
+        level_maps, chunk_scores = routed_outputs(teacher, teacher.normalise_maps, features[-1], chunk)
         maps.append(level_maps)
         scores.append(chunk_scores)
-        taps.append(features.taps)
-        descriptors.append(features.descriptor)
-    descriptor = None if descriptors[0] is None else torch.cat(descriptors)
-    return TeacherTargets(torch.cat(maps), torch.cat(scores)), EncoderFeatures(torch.cat(taps), descriptor)
+    return TeacherTargets(torch.cat(maps), torch.cat(scores)), EncoderFeatures.concat(features)
 
 
 def _progress(desc: str):
     return lambda items: tqdm(items, desc=desc, leave=False, unit="img")
-
-
-def concat_features(a: EncoderFeatures, b: EncoderFeatures) -> EncoderFeatures:
-    descriptor = None if a.descriptor is None else torch.cat([a.descriptor, b.descriptor])
-    return EncoderFeatures(torch.cat([a.taps, b.taps]), descriptor)
 
 
 def _resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -233,7 +225,7 @@ def distill(
     training_config = config.as_training_config()
     fit_feature_statistics(student, normal_features, training_config, generator)
     all_images = torch.cat([normals, pseudo])
-    all_features = normal_features if pseudo_features is None else concat_features(normal_features, pseudo_features)
+    all_features = normal_features if pseudo_features is None else EncoderFeatures.concat([normal_features, pseudo_features])
     targets = TeacherTargets(
         torch.cat([normal_targets.level_maps, pseudo_targets.level_maps]), torch.cat([normal_targets.scores, pseudo_targets.scores]),
     )
@@ -297,7 +289,7 @@ def distill(
         normal_rows = torch.randint(n_normal, (tc.batch_size - n_anomalous,), generator=generator)
         pseudo_rows = n_normal + torch.randint(max(n_pseudo, 1), (n_anomalous,), generator=generator)
         rows = torch.cat([normal_rows, pseudo_rows])
-        batch_features, batch_images = select_features(all_features, rows), all_images[rows]
+        batch_features, batch_images = all_features.select(rows), all_images[rows]
         # Two passes: the reconstruction objective in training mode (the patch experts' noisy bottleneck is what
         # keeps them from copying their input), the maps in inference mode, as they will be made at deployment.
         student.train()

@@ -76,12 +76,16 @@ def default_student_model(teacher: ModelConfig, usage: TeacherUsage) -> ModelCon
     per_level = {level: min(1, len(usage.used[level])) for level in LEVELS}
     return ModelConfig(
         input_size=-(-teacher.input_size // 32) * 32,
-        encoder=EncoderConfig(name="lite0", taps=list(STUDENT_TAPS), grid_size=teacher.encoder.grid_size),
+        encoder=EncoderConfig(
+            name="lite0", taps=list(STUDENT_TAPS), grid_size=teacher.encoder.grid_size,
+            component_taps=[t for t in teacher.encoder.component_taps if t <= STUDENT_TAPS[-1]],
+            component_grid_factor=teacher.encoder.component_grid_factor,
+        ),
         # Residual whitening as the teacher's (auto): fitted on the student's own residuals after distillation.
         patch=PatchExpertConfig(num_experts=per_level["patch"], embed_dim=64, bottleneck_hidden=128, depth=1, num_heads=2),
         component=ComponentExpertConfig(
             num_experts=per_level["component"], num_slots=teacher.component.num_slots, hidden_dim=128, code_dim=32,
-            area_weight=teacher.component.area_weight,
+            area_weight=teacher.component.area_weight, composition_gain=teacher.component.composition_gain,
         ),
         # Leaky: with ReLU the student's global expert died under distillation (a constant map on every image),
         # and the global level is what sees a wrong layout.

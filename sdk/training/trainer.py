@@ -24,6 +24,7 @@ from amoe_sdk.outputs import atomic_write_text
 from amoe_sdk.models.components import kmeans
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
+from amoe_sdk.training.composition import fit_composition
 from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.fusion import calibrate_level_weights
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
@@ -47,30 +48,29 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def encode_all(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 16, desc: str = "encode") -> EncoderFeatures:
-    """Frozen-encoder features of uint8 images [N, 3, S, S] -> taps [N, C, G, G], descriptors [N, D]."""
-    taps, descriptors = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
-        features = model.encode(images[start : start + batch_size].float())
-        taps.append(features.taps)
-        descriptors.append(features.descriptor)
-    return EncoderFeatures(torch.cat(taps), None if descriptors[0] is None else torch.cat(descriptors))
-
-
-def select_features(features: EncoderFeatures, index) -> EncoderFeatures:
-    """The rows ``index`` (a slice or index tensor) of cached encoder features."""
-    descriptor = None if features.descriptor is None else features.descriptor[index]
-    return EncoderFeatures(features.taps[index], descriptor)
+    """Frozen-encoder features of uint8 images [N, 3, S, S] -> taps [N, C, G, G], descriptors [N, D], component
+    taps [N, Cc, A, A]."""
+    return EncoderFeatures.concat([
+        model.encode(images[start : start + batch_size].float())
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch")
+    ])
 
 
 @torch.no_grad()
 def fit_feature_statistics(model: AnomalyMoE, train: EncoderFeatures, config: AmoeConfig, generator: torch.Generator) -> None:
-    """Per-channel mean / std of the taps and the k-means component prototypes, from normal training images."""
+    """Per-channel mean / std of the taps (and of the component taps) and the k-means component prototypes, from
+    normal training images."""
     taps = train.taps
     model.feature_mean.copy_(taps.mean(dim=(0, 2, 3)))
     model.feature_std.copy_(taps.std(dim=(0, 2, 3)).clamp_min(1e-3))
-    tokens = model.standardise(taps).reshape(-1, taps.shape[1])
+    assigner = model.assigner
+    if train.components is not None:
+        assigner.component_mean.copy_(train.components.mean(dim=(0, 2, 3)))
+        assigner.component_std.copy_(train.components.std(dim=(0, 2, 3)).clamp_min(1e-3))
+    tokens = assigner.assignment_tokens(model.standardise(taps), train.components)
+    tokens = tokens.reshape(-1, tokens.shape[-1])
     sample = tokens[torch.randperm(len(tokens), generator=generator)[:20000]]
-    model.assigner.prototypes.copy_(kmeans(sample, config.model.component.num_slots, config.model.component.kmeans_iters, generator))
+    assigner.prototypes.copy_(kmeans(sample, config.model.component.num_slots, config.model.component.kmeans_iters, generator))
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images:
     model.eval()
     maps, logits, weights = [], [], []
     for start in range(0, len(val_images), 16):
-        chunk = select_features(val, slice(start, start + 16))
+        chunk = val.select(slice(start, start + 16))
         chunk_logits, chunk_weights, outputs = model.run_experts(chunk, val_images[start : start + 16].float())
         maps.append(torch.cat([o.anomaly_map for o in outputs], dim=1))
         logits.append(chunk_logits)
@@ -112,10 +112,14 @@ def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images:
 def calibrate_after_training(
     model: AnomalyMoE, train: EncoderFeatures, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig
 ) -> dict:
-    """Everything measured on normal images once the experts are trained, in order: the patch experts' residual
+    """Everything measured on normal images once the experts are trained, in order: the components' normal areas
+    (``model.component.composition_gain``), the patch experts' residual
     statistics and whitening form and gain (``model.patch.residual_whitening: auto``), the map normalisation, then the level
     shares (``level_weighting: pseudo``), each on the maps the step before it settled. -> the calibration record."""
     model.eval()
+    composition = None
+    if config.model.component.composition_gain > 0 and len(model.component_experts):
+        composition = fit_composition(model, train, config.model.component.composition_gain)
     whitening = None
     if config.model.patch.residual_whitening == "auto" and len(model.patch_experts):
         ratios = fit_residual_statistics(model, train)
@@ -128,6 +132,8 @@ def calibrate_after_training(
         calibration = {**calibrate_normalisation(model, val, val_images, config, refit=False), "fusion": fusion}
     if whitening is not None:
         calibration["whitening"] = whitening
+    if composition is not None:
+        calibration["composition"] = composition
     return calibration
 
 
@@ -211,7 +217,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         batch = torch.randint(len(train_images), (tc.batch_size,), generator=generator)
-        features = select_features(train_features, batch)
+        features = train_features.select(batch)
         logits, weights, outputs = model.run_experts(
             features, train_images[batch].float(), with_loss=True,
             easy_fraction=config.loss.hard_mining_easy_fraction, easy_scale=config.loss.hard_mining_easy_scale,
