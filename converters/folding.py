@@ -16,9 +16,8 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from amoe_sdk.errors import ConversionError
-from amoe_sdk.models.detector import (
-    AnomalyMoE, DetectorOutput, normalise_expert_maps, standardise_taps, upsample_and_score,
-)
+from amoe_sdk.models.detector import AnomalyMoE, DetectorOutput, normalise_expert_maps, upsample_and_score
+from amoe_sdk.models.layers import standardise_taps
 
 
 def expert_names(model: AnomalyMoE) -> list[str]:

@@ -92,9 +92,10 @@ def load_detector(path: str | Path):
     if "level_weights" not in state:
         # Written before level weights were measured per product: they were the config's, fixed.
         config_data["model"]["postprocess"].setdefault("level_weighting", "fixed")
-    if "assigner.prototypes" in state and "assigner.area_mean" not in state:
-        # Written before the component grid and the composition distance: components were assigned on the main
-        # grid, and the maps had no composition term.
+    # Written before the component grid and the composition distance: components were assigned on the main grid,
+    # and the maps had no composition term.
+    before_component_grid = "assigner.prototypes" in state and "assigner.area_mean" not in state
+    if before_component_grid:
         config_data["model"]["encoder"].setdefault("component_taps", [])
         config_data["model"]["component"].setdefault("composition_gain", 0.0)
     if "patch_experts.0.head.weight" in state and "patch_experts.0.residual_mean" not in state:
@@ -111,7 +112,7 @@ def load_detector(path: str | Path):
         # Written when whitening was diagonal only: an unfitted subspace (gain 0) leaves its maps as they were.
         unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in SUBSPACE_BUFFERS}
         state = {**state, **unfitted}
-    if "assigner.prototypes" in state and "assigner.area_mean" not in state:
+    if before_component_grid:
         unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in COMPOSITION_BUFFERS}
         state = {**state, **unfitted}
     try:

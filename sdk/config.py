@@ -76,9 +76,10 @@ class ComponentExpertConfig:
     The component of a position is its nearest of ``num_slots`` prototypes, fitted by k-means on normal
     training features (``encoder.component_taps``), so the masks come from inside the model with a fixed number of
     slots. ``composition_gain``: after training, the components' areas on the normal training images get their mean
-    and covariance, and each expert's map adds, over the whole image, the Mahalanobis distance of an image's areas
-    from them, in units of the spread of the expert's own map on normal images times this gain (a missing, extra or
-    oversized part changes how much of the image its component covers, and no single position shows it). 0: off.
+    and covariance, and each expert adds to a slot's score that slot's positive term of the Mahalanobis distance of
+    an image's areas from them, in units of the spread of the expert's own map on normal images times this gain (a
+    missing, extra or oversized part changes how much of the image its component covers, and no single position
+    shows it). 0: off.
     """
 
     num_experts: int = 2

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from amoe_sdk.models.layers import standardise_taps
+
 
 @dataclass
 class ComponentSlots:
@@ -59,10 +61,7 @@ class ComponentAssigner(nn.Module):
 
     def assignment_tokens(self, tokens: torch.Tensor, components: torch.Tensor | None) -> torch.Tensor:
         """The tokens the prototypes are compared with: [B, A*A, Cc], standardised."""
-        if components is None:
-            return tokens
-        x = (components - self.component_mean.view(1, -1, 1, 1)) / self.component_std.view(1, -1, 1, 1)
-        return x.flatten(2).transpose(1, 2)
+        return tokens if components is None else standardise_taps(components, self.component_mean, self.component_std)
 
     def composition(self, areas: torch.Tensor) -> torch.Tensor:
         """[B, K] areas -> [B, K] each slot's term of the Mahalanobis distance of their square roots from the normal

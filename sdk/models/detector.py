@@ -16,7 +16,7 @@ from amoe_sdk.config import ModelConfig
 from amoe_sdk.models.components import ComponentAssigner
 from amoe_sdk.models.encoders import EncoderFeatures, build_encoder
 from amoe_sdk.models.experts import ComponentExpert, ExpertOutput, GlobalExpert, PatchExpert
-from amoe_sdk.models.layers import FP16_SAFE_EPS, GaussianBlur, top_percent_mean
+from amoe_sdk.models.layers import FP16_SAFE_EPS, GaussianBlur, standardise_taps, top_percent_mean
 from amoe_sdk.models.router import TopKRouter
 
 LEVELS = ("patch", "component", "global")
@@ -33,12 +33,6 @@ class DetectorOutput:
     routing_weights: torch.Tensor
     router_logits: torch.Tensor
     expert_maps: torch.Tensor
-
-
-def standardise_taps(taps: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """[B, C, G, G] raw taps, per-channel [C] statistics -> [B, N, C] standardised tokens."""
-    x = (taps - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    return x.flatten(2).transpose(1, 2)
 
 
 def normalise_expert_maps(expert_maps: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,12 @@ import torch.nn.functional as F
 FP16_SAFE_EPS = 1e-4
 
 
+def standardise_taps(taps: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[B, C, G, G] raw taps, per-channel [C] statistics -> [B, N, C] standardised tokens."""
+    x = (taps - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return x.flatten(2).transpose(1, 2)
+
+
 class Mlp(nn.Module):
     """[..., in_dim] -> [..., out_dim] through one hidden layer with GELU and optional dropout."""
 

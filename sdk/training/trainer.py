@@ -56,18 +56,24 @@ def encode_all(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 16, de
     ])
 
 
+def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, C, H, W] -> per-channel mean and std [C] (the std floored, so a dead channel does not divide by 0)."""
+    return features.mean(dim=(0, 2, 3)), features.std(dim=(0, 2, 3)).clamp_min(1e-3)
+
+
 @torch.no_grad()
 def fit_feature_statistics(model: AnomalyMoE, train: EncoderFeatures, config: AmoeConfig, generator: torch.Generator) -> None:
     """Per-channel mean / std of the taps (and of the component taps) and the k-means component prototypes, from
     normal training images."""
-    taps = train.taps
-    model.feature_mean.copy_(taps.mean(dim=(0, 2, 3)))
-    model.feature_std.copy_(taps.std(dim=(0, 2, 3)).clamp_min(1e-3))
     assigner = model.assigner
+    mean, std = channel_statistics(train.taps)
+    model.feature_mean.copy_(mean)
+    model.feature_std.copy_(std)
     if train.components is not None:
-        assigner.component_mean.copy_(train.components.mean(dim=(0, 2, 3)))
-        assigner.component_std.copy_(train.components.std(dim=(0, 2, 3)).clamp_min(1e-3))
-    tokens = assigner.assignment_tokens(model.standardise(taps), train.components)
+        mean, std = channel_statistics(train.components)
+        assigner.component_mean.copy_(mean)
+        assigner.component_std.copy_(std)
+    tokens = assigner.assignment_tokens(model.standardise(train.taps), train.components)
     tokens = tokens.reshape(-1, tokens.shape[-1])
     sample = tokens[torch.randperm(len(tokens), generator=generator)[:20000]]
     assigner.prototypes.copy_(kmeans(sample, config.model.component.num_slots, config.model.component.kmeans_iters, generator))
