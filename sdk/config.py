@@ -29,9 +29,9 @@ class EncoderConfig:
     positions side by side as channels, keeping the detail a thin defect leaves; Lite0 only).
     ``component_taps``: Lite0 stages whose outputs, resampled to a grid ``component_grid_factor`` times finer than
     ``grid_size``, decide which component each position belongs to: at 16 px per cell a small part fills a cell or
-    two, and a missing or extra one barely changes any component's area; the early stages see its outline. ``[]``:
-    the main taps on the main grid (the default, and the only choice for DINOv2; ``[1, 2]`` with
-    ``component.composition_gain: 1`` is measured in the README).
+    two, and a missing or extra one barely changes any component's area; the early stages see its outline
+    (default ``[1, 2]``, 64 x 64 at 256 px; measured in the README). ``[]``: the main taps on the main grid, the
+    only choice for DINOv2.
     ``random_weights``: skip loading weights; for tests only, never the default.
     """
 
@@ -40,7 +40,7 @@ class EncoderConfig:
     taps: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     grid_size: int = 16
     tap_resample: str = "pool"
-    component_taps: list[int] = field(default_factory=list)
+    component_taps: list[int] = field(default_factory=lambda: [1, 2])
     component_grid_factor: int = 4
     random_weights: bool = False
 
@@ -79,7 +79,7 @@ class ComponentExpertConfig:
     and covariance, and each expert adds to a slot's score that slot's positive term of the Mahalanobis distance of
     an image's areas from them, in units of the spread of the expert's own map on normal images times this gain (a
     missing, extra or oversized part changes how much of the image its component covers, and no single position
-    shows it). 0: off.
+    shows it). Default 1; 0: off.
     """
 
     num_experts: int = 2
@@ -88,7 +88,7 @@ class ComponentExpertConfig:
     code_dim: int = 64
     area_weight: float = 4.0
     kmeans_iters: int = 30
-    composition_gain: float = 0.0
+    composition_gain: float = 1.0
 
 
 @dataclass
@@ -127,9 +127,10 @@ class PostprocessConfig:
     the router is trained on normal images only, so it cannot know which level will see a defect. With
     ``level_weighting: pseudo`` they are measured at the end of training instead: each level's weight is its
     ``level_weights`` share times (AUROC - 0.5)^2 of that level alone on the product's held-out normal images
-    against pseudo-anomalies made from them (blatant and subtle cut-paste and Perlin blemishes, region swaps),
-    divided by the spread of its score on those normal images, so that a level that cannot tell this product's
-    normal images from anomalous ones does not add its noise to the map. ``fixed`` keeps ``level_weights``.
+    against pseudo-anomalies made from them, the lower of its AUROC on blatant ones (cut-paste, Perlin blemishes,
+    region swaps) and on subtle ones (the same at the normals' own contrast), divided by the spread of its score
+    on those normal images, so that a level that cannot tell this product's normal images from anomalous ones
+    does not add its noise to the map. ``fixed`` keeps ``level_weights``.
     """
 
     level_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])

@@ -58,8 +58,8 @@ def test_exported_graph_stays_finite_when_component_slots_are_empty(onnx_bundle,
     model, _ = load_detector(tiny_run)
     black = np.zeros((1, 128, 128, 3), np.uint8)
     with torch.no_grad():
-        tokens = model.standardise(model.encode(torch.zeros(1, 3, 128, 128)).taps)
-        assert (model.assigner(tokens).areas == 0).any()  # the case an exporter's dropped epsilon turns into NaN
+        features = model.encode(torch.zeros(1, 3, 128, 128))
+        assert (model.assigner(model.standardise(features.taps), features.components).areas == 0).any()  # the case an exporter's dropped epsilon turns into NaN
     session = ort.InferenceSession(str(onnx_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     for value in session.run(None, {"images": black}):
         assert np.isfinite(value).all()

@@ -138,7 +138,11 @@ def test_int8_openvino_bundle(tiny_run, tmp_path):
     assert np.isfinite(EdgeDetector(bundle).predict(np.zeros((64, 64, 3), np.uint8)).score)
 
 
-def test_a_gate_that_holds_at_once_keeps_everything_quantizable_in_int8(tiny_run, tmp_path):
+def test_a_gate_that_holds_at_once_keeps_everything_quantizable_in_int8(tiny_run, tmp_path, monkeypatch):
+    import amoe_sdk.converters.quantize_common as quantize_common
+
+    # Loose on every count: the tiny model's verdicts on 12 gate images flip with INT8 stage-1 features.
+    monkeypatch.setattr(quantize_common, "MAX_FLIPPED_SHARE", 1.0)
     bundle = convert(tiny_run, tmp_path / "loose", ConvertOptions(target="onnx", precision="int8", max_drop=1.0))
     q = json.loads((bundle / "manifest.json").read_text())["quantization"]
     assert q["passed"] and len(q["tries"]) == 1 and q["float_groups"] == []

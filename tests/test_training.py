@@ -31,7 +31,8 @@ def test_level_shares_are_measured_per_product_and_stored(measured_run, tiny_run
     model, _ = load_detector(measured_run)
     shares = [fusion["level_weights"][level] for level in ("patch", "component", "global")]
     assert model.level_weights.tolist() == pytest.approx(shares) and sum(shares) == pytest.approx(1.0)
-    assert set(fusion["pseudo_auroc"]) == {"patch", "component", "global"}
+    assert set(fusion["pseudo_auroc"]) == {"blatant", "subtle"}
+    assert all(set(by_level) == {"patch", "component", "global"} for by_level in fusion["pseudo_auroc"].values())
     assert payload["state_dict"]["level_weights"].tolist() == pytest.approx(shares)
     assert "fusion" not in read_checkpoint(tiny_run)["calibration"]  # level_weighting: fixed keeps the config's
     assert load_detector(tiny_run)[0].level_weights.tolist() == pytest.approx([1 / 3] * 3)
@@ -62,7 +63,44 @@ def test_a_level_at_chance_gets_no_share_and_the_base_shares_stay_when_none_sepa
     assert record["level_weights"]["patch"] > 0.9 and record["level_weights"]["global"] == 0.0
     monkeypatch.setattr(fusion, "level_scores", lambda m, b, batch_size=8: np.zeros((len(b), 3)))
     record = fusion.calibrate_level_weights(model, images, [1.0, 2.0, 1.0], seed=0)
-    assert record["fallback_to_base"] and model.level_weights.tolist() == pytest.approx([0.25, 0.5, 0.25])
+    assert record["decided_by"] == "base" and model.level_weights.tolist() == pytest.approx([0.25, 0.5, 0.25])
+
+
+def test_a_level_that_sees_only_blatant_pseudo_anomalies_gets_no_share(tiny_run, monkeypatch):
+    import numpy as np
+    import torch
+
+    import amoe_sdk.training.fusion as fusion
+
+    model, _ = load_detector(tiny_run)
+    images = torch.zeros(6, 3, 128, 128, dtype=torch.uint8)
+    calls = []
+
+    def blatant_only_global(model_, batch, batch_size=8):  # normal images, then blatant, then subtle pseudo-anomalies
+        kind = ("normal", "blatant", "subtle")[len(calls)]
+        calls.append(kind)
+        spread = np.linspace(0, 1, len(batch))
+        patch = spread + 2 * (kind != "normal")
+        glob = spread + 2 * (kind == "blatant")  # as far from the normals as the patch level, on blatant ones only
+        return np.stack([patch, np.zeros(len(batch)), glob], axis=1)
+
+    monkeypatch.setattr(fusion, "level_scores", blatant_only_global)
+    record = fusion.calibrate_level_weights(model, images, [1.0, 1.0, 1.0], seed=0)
+    assert calls == ["normal", "blatant", "subtle"]
+    assert record["pseudo_auroc"]["blatant"]["global"] == 1.0 and record["pseudo_auroc"]["subtle"]["global"] == 0.5
+    assert record["level_weights"] == {"patch": 1.0, "component": 0.0, "global": 0.0}
+    assert record["decided_by"] == "beyond_chance"
+
+    def slightly_separating(model_, batch, batch_size=8):  # the patch level above 0.5, but within chance
+        shift = 0.0 if len(calls) == 3 else 0.15
+        calls.append("any")
+        spread = np.linspace(0, 1, len(batch))
+        return np.stack([spread + shift, np.zeros(len(batch)), spread], axis=1)
+
+    monkeypatch.setattr(fusion, "level_scores", slightly_separating)
+    record = fusion.calibrate_level_weights(model, images, [1.0, 1.0, 1.0], seed=0)
+    assert 0.5 < record["pseudo_auroc"]["subtle"]["patch"] < 0.5 + fusion.chance_spread(6, 6)
+    assert record["decided_by"] == "above_half" and record["level_weights"]["patch"] == 1.0
 
 
 def test_a_checkpoint_from_before_measured_shares_loads_with_its_fixed_ones(tiny_run, tmp_path):
