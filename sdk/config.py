@@ -128,9 +128,10 @@ class PostprocessConfig:
     ``level_weighting: pseudo`` they are measured at the end of training instead: each level's weight is its
     ``level_weights`` share times (AUROC - 0.5)^2 of that level alone on the product's held-out normal images
     against pseudo-anomalies made from them, the lower of its AUROC on blatant ones (cut-paste, Perlin blemishes,
-    region swaps) and on subtle ones (the same at the normals' own contrast), divided by the spread of its score
-    on those normal images, so that a level that cannot tell this product's normal images from anomalous ones
-    does not add its noise to the map. ``fixed`` keeps ``level_weights``.
+    region swaps) and on subtle ones (the same at the normals' own contrast), each less the spread an AUROC has by
+    chance with that many images, divided by the spread of its score on those normal images, so that a level
+    that cannot tell this product's normal images from anomalous ones does not add its noise to the map.
+    ``fixed`` keeps ``level_weights``.
     """
 
     level_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
