@@ -123,6 +123,7 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
     model, payload = load_detector(checkpoint)
     for expert in model.patch_experts:  # the same maps, without the whitened form that was not chosen
         expert.drop_unused_whitening()
+    model.drop_unused_memory()
     source_file = Path(payload["path"]).resolve()
     size = model.config.input_size
     paths, source = calibration_paths(payload, options.calib_data)

@@ -36,6 +36,7 @@ FLOAT_FROM_THE_START = (
     r"/encoder/patch_embed/",
     r"/router/",
     r"/assigner/",
+    r"/patch_memory/",
     r"/blur/",
     rf"/{EXPERT}/head/",
     rf"/{EXPERT}/decoder/fc2/",

@@ -101,6 +101,10 @@ def load_detector(path: str | Path):
     if "patch_experts.0.head.weight" in state and "patch_experts.0.residual_mean" not in state:
         # Written before residual whitening: the patch experts' maps were the cosine maps alone.
         config_data["model"]["patch"].setdefault("residual_whitening", "off")
+    before_memory = "patch_experts.0.head.weight" in state and "patch_experts.0.memory_gain" not in state
+    if before_memory:
+        # Written before the patch memory: the patch experts' maps had no memory term.
+        config_data["model"]["patch"].setdefault("memory_size", 0)
     config = AmoeConfig.from_dict(config_data, f"checkpoint {payload['path']}")
     build_config = copy.deepcopy(config.model)
     build_config.encoder.random_weights = True  # the encoder's weights are in the state dict
@@ -114,6 +118,9 @@ def load_detector(path: str | Path):
         state = {**state, **unfitted}
     if before_component_grid:
         unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in COMPOSITION_BUFFERS}
+        state = {**state, **unfitted}
+    if before_memory:
+        unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] == "memory_gain"}
         state = {**state, **unfitted}
     try:
         model.load_state_dict(state, strict=True)

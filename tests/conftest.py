@@ -32,6 +32,7 @@ TINY_MODEL = {
     # below has both as the default config does (tests/test_training.py, test_export.py).
     "model.postprocess.level_weighting": "fixed",
     "model.patch.residual_whitening": "off",
+    "model.patch.memory_size": 256,
 }
 
 

@@ -195,3 +195,26 @@ def test_an_export_leaves_out_the_whitened_form_that_was_not_chosen(measured_run
         assert (basis_size in initializer_sizes) == (form == "subspace"), form
         sizes[form] = sum(initializer_sizes)
     assert sizes["diagonal"] < sizes["subspace"]
+
+
+@pytest.mark.parametrize("target", ["onnx", "intel"])
+def test_the_patch_memory_exports_with_parity_and_is_left_out_where_unused(measured_run, sample_root, tmp_path, target):
+    payload = torch.load(measured_run / "model.pt", weights_only=True)
+    bank = payload["state_dict"]["patch_memory.bank"]
+    assert float(bank.abs().sum()) > 0  # filled at the end of training
+    for gain, name in ((1.0, "on"), (0.0, "off")):
+        state = dict(payload["state_dict"])
+        for key in [k for k in state if k.endswith(".memory_gain")]:
+            state[key] = torch.full_like(state[key], gain)
+        # Lift every map above its normal range, so that the memory's term cannot push one below its calibration.
+        state["map_low"] = state["map_low"] - 10 * (state["map_high"] - state["map_low"])
+        run = tmp_path / name
+        run.mkdir()
+        torch.save({**payload, "state_dict": state}, run / "model.pt")
+        bundle = convert(run, tmp_path / f"{name}-bundle", ConvertOptions(target=target))
+        report = verify(bundle, sample_root / "washer", show_progress=False)
+        assert report["passed"] and report["label_flips"] == 0 and report["map_rel_diff_max"] < 1e-4, name
+        if target == "onnx":
+            graph = onnx.load(str(next(bundle.glob("*.onnx"))))
+            sizes = [int(np.prod(t.dims)) for t in graph.graph.initializer]
+            assert (bank.numel() in sizes) == (gain > 0), name

@@ -322,3 +322,88 @@ def test_a_checkpoint_from_before_the_component_grid_loads_with_components_on_th
     images = torch.randint(0, 255, (1, 3, model.config.input_size, model.config.input_size)).float()
     with torch.no_grad():
         assert torch.isfinite(model(images).anomaly_map).all()
+
+
+def test_the_patch_memory_finds_a_normal_looking_patch_that_no_training_image_has_there():
+    import torch
+
+    from amoe_sdk.models.memory import PatchMemory, k_centre_coreset
+
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(500, 8, generator=generator) * 0.1
+    points[123] = 5.0  # one rare normal patch
+    coreset = k_centre_coreset(points, 20, generator)
+    assert any(torch.equal(row, points[123]) for row in coreset)  # the farthest point is always kept
+    assert torch.equal(k_centre_coreset(points[:3], 5, generator), points[[0, 1, 2, 0, 1]])  # too few: all, repeated
+
+    memory = PatchMemory(256, 8, grid_size=4)  # room for all 160 training neighbourhoods
+    normal = torch.randn(10, 16, 8, generator=generator)
+    memory.fit(normal, generator)
+    seen = memory(normal[:2])
+    odd = normal[:2].clone()
+    odd[:, 5, 0] = odd[:, 5, 0] + 60.0  # one position unlike any training one: its neighbourhood mean moves by 6.7
+    found = memory(odd)
+    assert found.shape == (2, 16) and float(seen.max()) < 1e-2
+    assert bool((found[:, 5] > 4.0).all()) and bool((found[:, 15] < 1e-2).all())  # a corner outside its neighbourhood
+
+
+def test_the_memory_is_kept_at_the_largest_gain_that_costs_the_pseudo_anomalies_little(measured_run, monkeypatch):
+    import numpy as np
+    import torch
+
+    import amoe_sdk.training.whitening as whitening
+    from amoe_sdk.training.fusion import PseudoAnomalies
+    from amoe_sdk.training.trainer import encode_all
+
+    model, payload = load_detector(measured_run)
+    val_images = torch.randint(0, 255, (4, 3, 128, 128), dtype=torch.uint8)
+    train = encode_all(model, torch.randint(0, 255, (4, 3, 128, 128), dtype=torch.uint8))
+    val = encode_all(model, val_images)
+    pseudo = PseudoAnomalies(val_images, np.ones((4, 128, 128), bool))
+    monkeypatch.setattr(whitening, "pseudo_anomaly_sets", lambda v, seed: {"blatant": pseudo, "subtle": pseudo})
+
+    def separation_falling_with_the_gain(cost):
+        def patch_separation(model_, images, sets):
+            gain = float(model_.patch_experts[0].memory_gain[0]) / ratio[0]
+            per_set = {"blatant image": 1.0, "blatant pixel": 0.95 - cost * gain, "subtle image": 1.0, "subtle pixel": 0.97}
+            return {**per_set, "mean": float(np.mean(list(per_set.values())))}
+        return patch_separation
+
+    tokens = model.standardise(val.taps)
+    for expert in model.patch_experts:
+        expert.memory_gain.zero_()
+    model.patch_memory.fit(model.standardise(train.taps), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        memory = model.memory_distances(tokens)
+        ratio = [float(e(tokens, memory=memory).anomaly_map.std() / memory.std()) for e in model.patch_experts]
+    # One pixel AUROC falls by 0.008 per unit of gain: 0.5 and 1.0 stay within one point, 2.0 does not.
+    monkeypatch.setattr(whitening, "patch_separation", separation_falling_with_the_gain(0.008))
+    record = whitening.choose_memory(model, train, val, val_images, lambda: None, seed=0)
+    assert record["gain"] == 1.0
+    assert np.allclose([float(e.memory_gain[0]) for e in model.patch_experts], ratio, rtol=1e-4)
+    monkeypatch.setattr(whitening, "patch_separation", separation_falling_with_the_gain(0.03))  # costs too much
+    record = whitening.choose_memory(model, train, val, val_images, lambda: None, seed=0)
+    assert record["gain"] == 0.0 and all(float(e.memory_gain[0]) == 0 for e in model.patch_experts)
+    model.drop_unused_memory()
+    assert model.memory_distances(tokens) is None
+
+
+def test_a_checkpoint_from_before_the_patch_memory_loads_with_the_same_maps(measured_run, tmp_path):
+    import torch
+
+    payload = torch.load(measured_run / "model.pt", weights_only=True)
+    state = {k: v for k, v in payload["state_dict"].items() if k.endswith(".memory_gain")}
+    assert state, "the default config fits the memory"
+    payload["state_dict"] = {**payload["state_dict"], **{k: torch.zeros_like(v) for k, v in state.items()}}
+    torch.save(payload, tmp_path / "model.pt")
+    reference, _ = load_detector(tmp_path)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if "memory" not in k}
+    del payload["config"]["model"]["patch"]["memory_size"]
+    older = tmp_path / "older"
+    older.mkdir()
+    torch.save(payload, older / "model.pt")
+    model, _ = load_detector(older)
+    assert model.config.patch.memory_size == 0 and model.patch_memory is None
+    images = torch.randint(0, 255, (2, 3, model.config.input_size, model.config.input_size)).float()
+    with torch.no_grad():
+        assert torch.equal(model(images).anomaly_map, reference(images).anomaly_map)

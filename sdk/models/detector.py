@@ -17,6 +17,7 @@ from amoe_sdk.models.components import ComponentAssigner
 from amoe_sdk.models.encoders import EncoderFeatures, build_encoder
 from amoe_sdk.models.experts import ComponentExpert, ExpertOutput, GlobalExpert, PatchExpert
 from amoe_sdk.models.layers import FP16_SAFE_EPS, GaussianBlur, standardise_taps, top_percent_mean
+from amoe_sdk.models.memory import PatchMemory
 from amoe_sdk.models.router import TopKRouter
 
 LEVELS = ("patch", "component", "global")
@@ -67,6 +68,9 @@ class AnomalyMoE(nn.Module):
         self.patch_experts = nn.ModuleList(
             PatchExpert(config.patch, self.encoder.tap_channels, grid) for _ in range(config.patch.num_experts)
         )
+        self.patch_memory = PatchMemory(config.patch.memory_size, channels, grid) if config.patch.memory_size else None
+        # Whether forward computes the memory distances; ``drop_unused_memory`` clears it where no gain uses them.
+        self.uses_memory = self.patch_memory is not None
         self.assigner = ComponentAssigner(
             config.component.num_slots, channels, grid, self.encoder.component_channels, self.encoder.component_grid
         )
@@ -114,6 +118,15 @@ class AnomalyMoE(nn.Module):
         self.encoder.eval()  # frozen: its batch norms never update
         return self
 
+    def drop_unused_memory(self) -> None:
+        """Leave the memory out of ``forward`` where every patch expert's gain for it is zero (the same maps; an
+        export then carries neither the bank nor its matmul). For exporting a finished model."""
+        self.uses_memory = self.patch_memory is not None and any(bool(e.memory_gain.any()) for e in self.patch_experts)
+
+    def memory_distances(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """[B, N, C] standardised tokens -> [B, N] distances to the nearest normal patch, or None without one."""
+        return self.patch_memory(tokens) if self.uses_memory else None
+
     @property
     def static_routing(self) -> bool:
         return self.router is None
@@ -145,8 +158,10 @@ class AnomalyMoE(nn.Module):
         """All experts on one batch -> (router logits [B, E], routing weights [B, E], outputs in expert order)."""
         tokens = self.standardise(features.taps)
         logits, weights = self.route(features.descriptor, tokens.shape[0])
+        # Training needs no memory: its distances join the maps only, never the losses.
+        memory = None if with_loss else self.memory_distances(tokens)
         outputs = [
-            expert(tokens, easy_fraction if with_loss else None, easy_scale) for expert in self.patch_experts
+            expert(tokens, easy_fraction if with_loss else None, easy_scale, memory) for expert in self.patch_experts
         ]
         if len(self.component_experts):
             slots = self.assigner(tokens, features.components)

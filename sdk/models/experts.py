@@ -53,6 +53,9 @@ class PatchExpert(nn.Module):
       basis u_k (``residual_basis`` [N, C, K], zero columns where unfitted) and weights w_k = floor /
       (variance_k + floor) in [0, 1] (``residual_basis_weight`` [N, K]): a Mahalanobis distance, scaled by the
       floor, that sees a residual leaving the directions normal images vary in, whatever its size.
+
+    With a ``memory`` [B, N] passed in (the detector's ``PatchMemory`` distances, shared by every patch expert), the
+    map also gets ``memory_gain`` times it (zero until ``training.whitening`` measures it).
     """
 
     def __init__(self, config: PatchExpertConfig, tap_channels: list[int], grid_size: int):
@@ -77,6 +80,7 @@ class PatchExpert(nn.Module):
             self.register_buffer("residual_basis", torch.zeros(grid_size * grid_size, channels, k))
             self.register_buffer("residual_basis_weight", torch.zeros(grid_size * grid_size, k))
             self.register_buffer("residual_subspace_gain", torch.zeros(1))
+        self.register_buffer("memory_gain", torch.zeros(1))
 
     def reconstruct(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, N, C] -> (reconstruction [B, N, C], representation [B, D])."""
@@ -112,10 +116,10 @@ class PatchExpert(nn.Module):
             self.whitening_forms = tuple(form for form in self.whitening_forms if bool(gains[form].any()))
 
     def forward(
-        self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1
+        self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1, memory: torch.Tensor | None = None
     ) -> ExpertOutput:
-        """tokens: [B, N, C]. With ``easy_fraction`` set (training), the loss uses hard mining: the gradient of
-        the easiest ``easy_fraction`` of positions per tap is multiplied by ``easy_scale``."""
+        """tokens: [B, N, C]; memory: [B, N] or None. With ``easy_fraction`` set (training), the loss uses hard
+        mining: the gradient of the easiest ``easy_fraction`` of positions per tap is multiplied by ``easy_scale``."""
         recon, representation = self.reconstruct(tokens)
         distances, losses = [], []
         for target, pred in zip(tokens.split(self.tap_channels, -1), recon.split(self.tap_channels, -1)):
@@ -136,6 +140,8 @@ class PatchExpert(nn.Module):
                 anomaly_map = anomaly_map + (torch.stack(self._diagonal_terms(x), -1) * self.residual_gain).mean(-1)
             if "subspace" in self.whitening_forms:
                 anomaly_map = anomaly_map + self.residual_subspace_gain * self._subspace_distance(x)
+        if memory is not None and easy_fraction is None:
+            anomaly_map = anomaly_map + self.memory_gain * memory
         anomaly_map = anomaly_map.view(b, 1, self.grid_size, self.grid_size)
         loss = torch.stack(losses, 0).mean(0) if losses else None
         return ExpertOutput(anomaly_map, loss, representation)

@@ -29,7 +29,7 @@ from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.fusion import calibrate_level_weights
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
 from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
-from amoe_sdk.training.whitening import choose_whitening, fit_residual_statistics
+from amoe_sdk.training.whitening import choose_memory, choose_whitening, fit_residual_statistics
 
 
 @dataclass
@@ -131,6 +131,8 @@ def calibrate_after_training(
         ratios = fit_residual_statistics(model, train)
         renormalise = lambda: calibrate_normalisation(model, val, val_images, config)  # noqa: E731
         whitening = choose_whitening(model, ratios, val_images, renormalise, config.train.seed)
+        if model.patch_memory is not None:
+            whitening["memory"] = choose_memory(model, train, val, val_images, renormalise, config.train.seed)
     calibration = calibrate_normalisation(model, val, val_images, config)
     if config.model.postprocess.level_weighting == "pseudo":
         fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, config.train.seed)

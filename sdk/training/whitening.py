@@ -22,13 +22,18 @@ from amoe_sdk.evaluation.metrics import auroc
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
 from amoe_sdk.models.experts import cosine_distance
-from amoe_sdk.training.fusion import level_outputs, pseudo_anomaly_sets
+from amoe_sdk.training.fusion import PseudoAnomalies, level_outputs, pseudo_anomaly_sets
 
 # (form, gain) tried in order; a gain is in units of the cosine map's normal spread.
 CANDIDATES = (("cosine", 0.0), ("diagonal", 0.5), ("diagonal", 1.0), ("subspace", 0.5), ("subspace", 1.0), ("subspace", 2.0), ("subspace", 4.0))
 # A form is kept only if it removes this share of the cosine map's pseudo-anomaly error (1 - AUROC): relative, as
 # image AUROCs saturate on objects while their pixel AUROCs still differ; a smaller share is within the noise.
 MIN_ERROR_REDUCTION = 0.1
+# The patch memory's gains tried, in units of the patch map's normal spread (0, without it, is always tried), and
+# how far it may lower any pseudo-anomaly AUROC (``choose_memory`` says why it is kept unless it costs): one point,
+# the resolution the accuracy goals are stated in.
+MEMORY_GAINS = (0.5, 1.0, 2.0)
+MAX_MEMORY_AUROC_DROP = 0.01
 MIN_RESIDUAL_STD = 1e-3
 # The subspace form's floor, as a share of the residual's variance over all positions and channels: the variance
 # given to every direction outside the principal ones. Measured flat from 0.003 to 0.1 on vial, pins and leather.
@@ -102,31 +107,37 @@ def _set_form(model: AnomalyMoE, ratios: SpreadRatios, form: str, gain: float) -
             expert.residual_subspace_gain.fill_(gain * subspace if form == "subspace" else 0.0)
 
 
+def patch_separation(model: AnomalyMoE, val_images: torch.Tensor, sets: dict[str, PseudoAnomalies]) -> dict[str, float]:
+    """How well the patch level alone separates the held-out normals (uint8 [N, 3, S, S]) from each pseudo-anomaly
+    set: its image and pixel AUROC on each, and their mean. The pixel AUROC counts too: on an object whose
+    pseudo-anomalies all score above its normals (vial), it still tells a map that finds them from one that only
+    flags their images."""
+    patch = LEVELS.index("patch")
+    normal_scores, normal_maps = level_outputs(model, val_images, patch)
+    per_set = {}
+    for name, pseudo in sets.items():
+        scores, maps = level_outputs(model, pseudo.images, patch)
+        image_labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(scores))]
+        per_set[f"{name} image"] = auroc(image_labels, np.r_[normal_scores[:, patch], scores[:, patch]])
+        pixel_labels = np.concatenate([np.zeros(normal_maps.shape, bool), pseudo.masks])
+        per_set[f"{name} pixel"] = auroc(pixel_labels.ravel(), np.concatenate([normal_maps, maps]).ravel())
+    return {**per_set, "mean": float(np.mean(list(per_set.values())))}
+
+
 @torch.no_grad()
 def choose_whitening(
     model: AnomalyMoE, ratios: SpreadRatios, val_images: torch.Tensor, renormalise: Callable[[], None], seed: int
 ) -> dict:
     """Try each of ``CANDIDATES`` (renormalising the maps with ``renormalise`` each time) and keep the one whose
     patch level best separates the held-out normals (uint8 [N, 3, S, S]) from blatant and from subtle
-    pseudo-anomalies, if it removes ``MIN_ERROR_REDUCTION`` of the cosine map's error. The separation is the mean of
-    the image and the pixel AUROC of both sets: on an object whose pseudo-anomalies all score above its normals
-    (vial), the pixel AUROC still tells a map that finds them from one that only flags their images.
+    pseudo-anomalies (``patch_separation``), if it removes ``MIN_ERROR_REDUCTION`` of the cosine map's error.
     -> the record the checkpoint keeps."""
-    patch = LEVELS.index("patch")
     sets = pseudo_anomaly_sets(val_images, seed)
     separation = {}
     for form, gain in CANDIDATES:
         _set_form(model, ratios, form, gain)
         renormalise()
-        normal_scores, normal_maps = level_outputs(model, val_images, patch)
-        per_set = {}
-        for name, pseudo in sets.items():
-            scores, maps = level_outputs(model, pseudo.images, patch)
-            image_labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(scores))]
-            per_set[f"{name} image"] = auroc(image_labels, np.r_[normal_scores[:, patch], scores[:, patch]])
-            pixel_labels = np.concatenate([np.zeros(normal_maps.shape, bool), pseudo.masks])
-            per_set[f"{name} pixel"] = auroc(pixel_labels.ravel(), np.concatenate([normal_maps, maps]).ravel())
-        separation[(form, gain)] = {**per_set, "mean": float(np.mean(list(per_set.values())))}
+        separation[(form, gain)] = patch_separation(model, val_images, sets)
     cosine_alone = CANDIDATES[0]
     best = max(CANDIDATES, key=lambda candidate: separation[candidate]["mean"])
     if 1.0 - separation[best]["mean"] > (1.0 - MIN_ERROR_REDUCTION) * (1.0 - separation[cosine_alone]["mean"]):
@@ -138,4 +149,51 @@ def choose_whitening(
         "patch_auroc_by_candidate": {f"{form} {gain}": separation[(form, gain)] for form, gain in CANDIDATES},
         "form": best[0],
         "gain": best[1],
+    }
+
+
+@torch.no_grad()
+def choose_memory(
+    model: AnomalyMoE, train: EncoderFeatures, val: EncoderFeatures, val_images: torch.Tensor,
+    renormalise: Callable[[], None], seed: int,
+) -> dict:
+    """Fill ``model.patch_memory`` from the normal training features, then try each of ``MEMORY_GAINS`` (in units
+    of each patch expert's normal map spread over the memory distances' normal spread, both on the held-out
+    normals: a training position is in the bank, at distance 0) and keep the largest under which none of the
+    patch level's AUROCs on the pseudo-anomalies (``patch_separation``: image and pixel, blatant and subtle) falls
+    more than ``MAX_MEMORY_AUROC_DROP`` below its value without the memory.
+
+    The largest tolerated, not the best: what the memory sees (a part missing from its place, a fill line at the
+    wrong height) no pseudo-anomaly shows, so the pseudo-anomalies can only tell where it costs (leather, whose
+    blatant pseudo-anomalies' pixel AUROC it lowered by 2.4 points at the smallest gain), not where it helps.
+    -> the record the checkpoint keeps."""
+    generator = torch.Generator().manual_seed(seed)
+    for expert in model.patch_experts:
+        expert.memory_gain.zero_()
+    model.patch_memory.fit(model.standardise(train.taps), generator)
+    tokens = model.standardise(val.taps)
+    memory = model.memory_distances(tokens)
+    spreads = [float(expert(tokens, memory=memory).anomaly_map.std()) for expert in model.patch_experts]
+    ratios = [spread / float(memory.std().clamp_min(1e-12)) for spread in spreads]
+    sets = pseudo_anomaly_sets(val_images, seed)
+    separation = {}
+    for gain in (0.0, *MEMORY_GAINS):
+        for expert, ratio in zip(model.patch_experts, ratios):
+            expert.memory_gain.fill_(gain * ratio)
+        renormalise()
+        separation[gain] = patch_separation(model, val_images, sets)
+    without = separation[0.0]
+    tolerated = [
+        gain for gain in MEMORY_GAINS
+        if all(separation[gain][key] >= value - MAX_MEMORY_AUROC_DROP for key, value in without.items() if key != "mean")
+    ]
+    best = max(tolerated, default=0.0)
+    for expert, ratio in zip(model.patch_experts, ratios):
+        expert.memory_gain.fill_(best * ratio)
+    renormalise()
+    return {
+        "rule": f"the largest gain under which no patch-level AUROC (image and pixel, blatant and subtle) on held-out normals vs pseudo-anomalies falls more than {MAX_MEMORY_AUROC_DROP} below its value without the memory",
+        "patch_auroc_by_gain": {str(gain): value for gain, value in separation.items()},
+        "gain": best,
+        "memory_gain": [best * ratio for ratio in ratios],
     }
