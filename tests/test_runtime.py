@@ -139,3 +139,19 @@ def test_runtime_works_where_torch_cannot_be_imported(bundle_fixture, request, s
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "score" in done.stdout
+
+
+def test_amoe_info_reads_a_bundle_where_torch_cannot_be_imported(onnx_bundle):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any "import torch" now raises ImportError
+        from amoe_sdk.cli.main import main
+        code = main(["info", r"{onnx_bundle}", "--json"])
+        assert sys.modules["torch"] is None
+        sys.exit(code)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["target"] == "onnx"
