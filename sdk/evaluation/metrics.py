@@ -8,6 +8,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+# NumPy 2 renamed trapz to trapezoid; pyproject allows NumPy 1.24+, which JetPack images ship.
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz
+
 
 def _roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) at every distinct score, highest threshold first."""
@@ -29,7 +32,7 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     if labels.all() or not labels.any():
         return float("nan")
     fpr, tpr, _ = _roc_curve(labels, scores)
-    return float(np.trapezoid(tpr, fpr))
+    return float(_trapezoid(tpr, fpr))
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -87,4 +90,4 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, num_thresho
         if nxt < fpr.size:
             y_end = np.interp(max_fpr, fpr[nxt - 1 : nxt + 1], pro[nxt - 1 : nxt + 1])
             x, y = np.r_[x, max_fpr], np.r_[y, y_end]
-    return float(np.trapezoid(y, x) / max_fpr)
+    return float(_trapezoid(y, x) / max_fpr)
