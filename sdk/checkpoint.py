@@ -112,16 +112,16 @@ def load_detector(path: str | Path):
     model.config = config.model
     if "level_weights" not in state:
         state = {**state, "level_weights": model.level_weights.clone()}
+    # Buffers an older checkpoint lacks, taken unfitted from the fresh model (zero gains: the maps stay as they were).
+    unfitted_buffers = set()
     if "patch_experts.0.residual_mean" in state and "patch_experts.0.residual_basis" not in state:
-        # Written when whitening was diagonal only: an unfitted subspace (gain 0) leaves its maps as they were.
-        unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in SUBSPACE_BUFFERS}
-        state = {**state, **unfitted}
+        unfitted_buffers |= set(SUBSPACE_BUFFERS)  # written when whitening was diagonal only
     if before_component_grid:
-        unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in COMPOSITION_BUFFERS}
-        state = {**state, **unfitted}
+        unfitted_buffers |= set(COMPOSITION_BUFFERS)
     if before_memory:
-        unfitted = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] == "memory_gain"}
-        state = {**state, **unfitted}
+        unfitted_buffers.add("memory_gain")
+    if unfitted_buffers:
+        state = {**state, **{k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in unfitted_buffers}}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

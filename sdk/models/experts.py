@@ -140,7 +140,7 @@ class PatchExpert(nn.Module):
                 anomaly_map = anomaly_map + (torch.stack(self._diagonal_terms(x), -1) * self.residual_gain).mean(-1)
             if "subspace" in self.whitening_forms:
                 anomaly_map = anomaly_map + self.residual_subspace_gain * self._subspace_distance(x)
-        if memory is not None and easy_fraction is None:
+        if memory is not None:
             anomaly_map = anomaly_map + self.memory_gain * memory
         anomaly_map = anomaly_map.view(b, 1, self.grid_size, self.grid_size)
         loss = torch.stack(losses, 0).mean(0) if losses else None

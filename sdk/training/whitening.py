@@ -173,8 +173,8 @@ def choose_memory(
     model.patch_memory.fit(model.standardise(train.taps), generator)
     tokens = model.standardise(val.taps)
     memory = model.memory_distances(tokens)
-    spreads = [float(expert(tokens, memory=memory).anomaly_map.std()) for expert in model.patch_experts]
-    ratios = [spread / float(memory.std().clamp_min(1e-12)) for spread in spreads]
+    memory_spread = float(memory.std().clamp_min(1e-12))
+    ratios = [float(expert(tokens).anomaly_map.std()) / memory_spread for expert in model.patch_experts]
     sets = pseudo_anomaly_sets(val_images, seed)
     separation = {}
     for gain in (0.0, *MEMORY_GAINS):
