@@ -1,7 +1,7 @@
 """Calibration and gate data, fed through exactly the runtime's pre-processing.
 
 Calibration images are normal images (a folder, or an MVTec category's ``train/good``); none is an error and
-fewer than ``MIN_CALIBRATION_IMAGES`` a warning with the count. Random data is never substituted. The gate set
+fewer than ``MIN_INT8_CALIBRATION_IMAGES`` a warning with the count. Random data is never substituted. The gate set
 is held-out normal images plus either the user's real anomalies with masks or pseudo-anomalies made from the
 normal images.
 """
@@ -20,7 +20,10 @@ from amoe_sdk.data.images import list_images, read_image, read_mask
 from amoe_sdk.errors import DataError
 from amoe_sdk.runtimes.preprocess import resize_to_input
 
-MIN_CALIBRATION_IMAGES = 32
+# Below these counts a warning says so: INT8 ranges need more normal images than a threshold does (a threshold is
+# one quantile of the scores; ranges are taken per layer, and a rare normal pattern missing from them is clipped).
+MIN_INT8_CALIBRATION_IMAGES = 32
+MIN_THRESHOLD_IMAGES = 8
 
 
 def normal_image_paths(source: str | Path) -> list[Path]:
@@ -30,9 +33,9 @@ def normal_image_paths(source: str | Path) -> list[Path]:
     paths = list_images(folder)
     if not paths:
         raise DataError(f"no calibration images in {folder}; pass a folder of normal PNG/JPEG/BMP images (never random data)")
-    if len(paths) < MIN_CALIBRATION_IMAGES:
+    if len(paths) < MIN_INT8_CALIBRATION_IMAGES:
         warnings.warn(
-            f"only {len(paths)} calibration images in {folder}; INT8 ranges are unreliable below {MIN_CALIBRATION_IMAGES}",
+            f"only {len(paths)} calibration images in {folder}; INT8 ranges are unreliable below {MIN_INT8_CALIBRATION_IMAGES}",
             stacklevel=2,
         )
     return paths

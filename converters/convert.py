@@ -27,7 +27,7 @@ from amoe_sdk.converters.onnx_export import OPSET, check_finite, export_onnx, on
 from amoe_sdk.converters.openvino_export import compiled_infer, save_openvino
 from amoe_sdk.converters.quantize_common import allowed_flips
 from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
-from amoe_sdk.calibration.data import MIN_CALIBRATION_IMAGES as MIN_INT8_IMAGES, gate_set, load_frames, normal_image_paths
+from amoe_sdk.calibration.data import MIN_INT8_CALIBRATION_IMAGES, MIN_THRESHOLD_IMAGES, gate_set, load_frames, normal_image_paths
 from amoe_sdk.calibration.tensorrt_cache import write_tensorrt_cache
 from amoe_sdk.calibration.thresholds import normal_threshold
 from amoe_sdk.data.images import list_images
@@ -38,7 +38,6 @@ from amoe_sdk.training.data import load_images
 from amoe_sdk.typed import describe_range, in_range
 from amoe_sdk.version import __version__
 
-MIN_CALIBRATION_IMAGES = 8
 # Every artifact's threshold is measured in FP32 arithmetic (OpenVINO pinned to f32, ONNX Runtime on the CPU); the
 # runtime pins the same precision on every device.
 MEASURED_PRECISION = "f32"
@@ -80,8 +79,8 @@ def calibration_paths(payload: dict, calib_data: Path | None) -> tuple[list[Path
         source = "the run's held-out validation images"
     if not paths:
         raise DataError(f"no calibration images in {source}; pass --calib-data DIR with normal images (PNG/JPEG/BMP)")
-    if len(paths) < MIN_CALIBRATION_IMAGES:
-        print(f"warning: only {len(paths)} calibration images in {source}; the threshold is noisy below {MIN_CALIBRATION_IMAGES}")
+    if len(paths) < MIN_THRESHOLD_IMAGES:
+        print(f"warning: only {len(paths)} calibration images in {source}; the threshold is noisy below {MIN_THRESHOLD_IMAGES}")
     return paths, source
 
 
@@ -123,7 +122,7 @@ def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) ->
     model, payload = load_detector(checkpoint)
     for expert in model.patch_experts:  # the same maps, without the whitened form that was not chosen
         expert.drop_unused_whitening()
-    model.drop_unused_memory()
+    model.drop_unused_map_terms()
     source_file = Path(payload["path"]).resolve()
     size = model.config.input_size
     paths, source = calibration_paths(payload, options.calib_data)
@@ -265,8 +264,8 @@ def int8_calibration_frames(payload: dict, calib_data: Path | None, size: int) -
             f"the run's training images are gone ({missing[0] if missing else 'none recorded'}); "
             "pass --calib-data DIR with normal images for INT8 calibration"
         )
-    if len(paths) < MIN_INT8_IMAGES:
-        print(f"warning: only {len(paths)} INT8 calibration images; ranges are unreliable below {MIN_INT8_IMAGES}")
+    if len(paths) < MIN_INT8_CALIBRATION_IMAGES:
+        print(f"warning: only {len(paths)} INT8 calibration images; ranges are unreliable below {MIN_INT8_CALIBRATION_IMAGES}")
     return load_frames(paths, size), "the run's training images"
 
 

@@ -87,6 +87,7 @@ class FoldedDetector(nn.Module):
         self.levels = levels
         self.assigner = model.assigner if "component" in levels else None
         self.patch_memory = model.patch_memory if model.uses_memory and "patch" in levels else None
+        self.colour = model.colour if model.uses_colour and "patch" in levels else None
         self.grid_size = model.grid_size
         self.register_buffer("map_low", model.map_low[kept].clone())
         self.register_buffer("map_high", model.map_high[kept].clone())
@@ -100,10 +101,11 @@ class FoldedDetector(nn.Module):
         tokens = standardise_taps(features.taps, self.feature_mean, self.feature_std)
         slots = self.assigner(tokens, features.components) if self.assigner is not None else None
         memory = self.patch_memory(tokens) if self.patch_memory is not None else None
+        colour = self.colour(images_bgr) if self.colour is not None else None
         maps = []
         for level, expert in zip(self.levels, self.experts):
             if level == "patch":
-                maps.append(expert(tokens, memory=memory).anomaly_map)
+                maps.append(expert(tokens, memory=memory, colour=colour).anomaly_map)
             elif level == "component":
                 maps.append(expert(slots).anomaly_map)
             else:

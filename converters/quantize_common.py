@@ -37,6 +37,7 @@ FLOAT_FROM_THE_START = (
     r"/router/",
     r"/assigner/",
     r"/patch_memory/",
+    r"/colour/",
     r"/blur/",
     rf"/{EXPERT}/head/",
     rf"/{EXPERT}/decoder/fc2/",

@@ -26,8 +26,8 @@ from pathlib import Path
 import cv2
 
 from amoe_sdk import EdgeDetector
+from amoe_sdk.data.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 FIELDS = ["part_id", "timestamp", "score", "verdict", "threshold", "latency_ms", "source"]
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from amoe_sdk.data.images import IMAGE_SUFFIXES
 from amoe_sdk.errors import InputError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 
 

@@ -105,6 +105,10 @@ def load_detector(path: str | Path):
     if before_memory:
         # Written before the patch memory: the patch experts' maps had no memory term.
         config_data["model"]["patch"].setdefault("memory_size", 0)
+    before_colour = "patch_experts.0.head.weight" in state and "patch_experts.0.colour_gain" not in state
+    if before_colour:
+        # Written before the colour deviation: the patch experts' maps had no colour term.
+        config_data["model"]["patch"].setdefault("colour_deviation", False)
     config = AmoeConfig.from_dict(config_data, f"checkpoint {payload['path']}")
     build_config = copy.deepcopy(config.model)
     build_config.encoder.random_weights = True  # the encoder's weights are in the state dict
@@ -120,6 +124,8 @@ def load_detector(path: str | Path):
         unfitted_buffers |= set(COMPOSITION_BUFFERS)
     if before_memory:
         unfitted_buffers.add("memory_gain")
+    if before_colour:
+        unfitted_buffers.add("colour_gain")
     if unfitted_buffers:
         state = {**state, **{k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in unfitted_buffers}}
     try:

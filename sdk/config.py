@@ -59,8 +59,10 @@ class PatchExpertConfig:
     taps, a k-centre coreset of the training positions); with ``residual_whitening: auto``, each position's
     distance to its nearest normal patch joins the maps (a part missing from its place, or a level that is wrong
     only in its context, looks locally normal and is reconstructed well) with the largest gain that lowers none of
-    the patch level's pseudo-anomaly AUROCs by more than a point. 0: no memory. The measurements are in the
-    README, "The detector".
+    the patch level's pseudo-anomaly AUROCs by more than a point. 0: no memory. ``colour_deviation``: each grid
+    cell's mean log colour less its image's, as a distance under the normal cells' covariance
+    (``models/colour.py``), joins the maps by the same rule (a stain or a foreign fibre on a texture changes its
+    colour, not its features). The measurements are in the README, "The detector".
     """
 
     num_experts: int = 2
@@ -73,6 +75,7 @@ class PatchExpertConfig:
     residual_whitening: str = "auto"
     residual_subspace_dim: int = 32
     memory_size: int = 2048
+    colour_deviation: bool = True
 
 
 @dataclass

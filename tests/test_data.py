@@ -120,3 +120,19 @@ def test_folder_layout(sample_root, tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="holds no"):
         read_folder_dataset(empty)
+
+
+def test_training_and_the_line_runtime_read_the_same_image_files(tmp_path):
+    import cv2
+
+    from amoe_sdk.data.images import list_images
+    from amoe_sdk.runtimes.sources import FolderSource
+
+    for name in ("a.png", "b.tif", "c.tiff", "d.jpg", "e.bmp"):
+        assert cv2.imwrite(str(tmp_path / name), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    listed = [p.name for p in list_images(tmp_path)]
+    assert listed == ["a.png", "b.tif", "c.tiff", "d.jpg", "e.bmp"]
+    source = FolderSource(tmp_path)
+    source.open()
+    assert [p.name for p in source.paths] == listed

@@ -198,15 +198,18 @@ def test_an_export_leaves_out_the_whitened_form_that_was_not_chosen(measured_run
 
 
 @pytest.mark.parametrize("target", ["onnx", "intel"])
-def test_the_patch_memory_exports_with_parity_and_is_left_out_where_unused(measured_run, sample_root, tmp_path, target):
+@pytest.mark.parametrize("term", ["memory", "colour"])
+def test_the_patch_memory_and_the_colour_term_export_with_parity_and_are_left_out_where_unused(
+    measured_run, sample_root, tmp_path, target, term
+):
     payload = torch.load(measured_run / "model.pt", weights_only=True)
-    bank = payload["state_dict"]["patch_memory.bank"]
-    assert float(bank.abs().sum()) > 0  # filled at the end of training
+    fitted = payload["state_dict"]["patch_memory.bank" if term == "memory" else "colour.whitener"]
+    assert not torch.equal(fitted, torch.zeros_like(fitted) if term == "memory" else torch.eye(3))  # fitted after training
     for gain, name in ((1.0, "on"), (0.0, "off")):
         state = dict(payload["state_dict"])
-        for key in [k for k in state if k.endswith(".memory_gain")]:
-            state[key] = torch.full_like(state[key], gain)
-        # Lift every map above its normal range, so that the memory's term cannot push one below its calibration.
+        for key in [k for k in state if k.endswith((".memory_gain", ".colour_gain"))]:
+            state[key] = torch.full_like(state[key], gain if key.endswith(f".{term}_gain") else 0.0)
+        # Lift every map above its normal range, so that the term cannot push one below its calibration.
         state["map_low"] = state["map_low"] - 10 * (state["map_high"] - state["map_low"])
         run = tmp_path / name
         run.mkdir()
@@ -216,5 +219,8 @@ def test_the_patch_memory_exports_with_parity_and_is_left_out_where_unused(measu
         assert report["passed"] and report["label_flips"] == 0 and report["map_rel_diff_max"] < 1e-4, name
         if target == "onnx":
             graph = onnx.load(str(next(bundle.glob("*.onnx"))))
-            sizes = [int(np.prod(t.dims)) for t in graph.graph.initializer]
-            assert (bank.numel() in sizes) == (gain > 0), name
+            if term == "memory":
+                sizes = [int(np.prod(t.dims)) for t in graph.graph.initializer]
+                assert (fitted.numel() in sizes) == (gain > 0), name
+            else:
+                assert any(node.op_type == "Log" for node in graph.graph.node) == (gain > 0), name

@@ -347,6 +347,31 @@ def test_the_patch_memory_finds_a_normal_looking_patch_that_no_training_image_ha
     assert bool((found[:, 5] > 4.0).all()) and bool((found[:, 15] < 1e-2).all())  # a corner outside its neighbourhood
 
 
+def test_the_colour_deviation_finds_a_tinted_patch_whatever_the_image_s_shade_and_lighting():
+    import torch
+
+    from amoe_sdk.models.colour import ColourDeviation
+
+    generator = torch.Generator().manual_seed(0)
+
+    def texture(count, shade):  # a grey-brown grain, each image its own shade and lighting gain
+        grain = torch.rand(count, 1, 64, 64, generator=generator) * 0.2 + 0.8
+        base = torch.tensor([60.0, 90.0, 130.0]).view(1, 3, 1, 1) * shade.view(-1, 1, 1, 1)
+        return (base * grain).clamp(0, 255)
+
+    deviation = ColourDeviation(grid_size=8)
+    deviation.fit(texture(20, torch.rand(20, generator=generator) * 0.6 + 0.7).to(torch.uint8))
+    test = texture(2, torch.tensor([0.6, 1.4]))  # darker and brighter than any training image
+    normal = deviation(test)
+    tinted = test.clone()
+    tinted[:, :, 16:24, 16:24] *= torch.tensor([0.8, 0.88, 0.86]).view(1, 3, 1, 1)  # darker and warmer: a stain
+    found = deviation(tinted)
+    assert normal.shape == (2, 64)
+    cell = 2 * 8 + 2  # the stained cell
+    assert bool((found[:, cell] > 3 * normal.max(dim=1).values).all())
+    assert bool((found[:, cell] > 2 * found[:, cell + 2]).all())  # stays where the stain is
+
+
 def test_the_memory_is_kept_at_the_largest_gain_that_costs_the_pseudo_anomalies_little(measured_run, monkeypatch):
     import numpy as np
     import torch
@@ -384,26 +409,76 @@ def test_the_memory_is_kept_at_the_largest_gain_that_costs_the_pseudo_anomalies_
     monkeypatch.setattr(whitening, "patch_separation", separation_falling_with_the_gain(0.03))  # costs too much
     record = whitening.choose_memory(model, train, val, val_images, lambda: None, seed=0)
     assert record["gain"] == 0.0 and all(float(e.memory_gain[0]) == 0 for e in model.patch_experts)
-    model.drop_unused_memory()
+    model.drop_unused_map_terms()
     assert model.memory_distances(tokens) is None
 
 
-def test_a_checkpoint_from_before_the_patch_memory_loads_with_the_same_maps(measured_run, tmp_path):
+def test_the_colour_term_is_kept_at_its_best_gain_only_where_it_removes_a_tenth_of_the_error(measured_run, monkeypatch):
+    import numpy as np
+    import torch
+
+    import amoe_sdk.training.whitening as whitening
+    from amoe_sdk.training.fusion import PseudoAnomalies
+    from amoe_sdk.training.trainer import encode_all
+
+    model, _ = load_detector(measured_run)
+    size = model.config.input_size
+    train_images = torch.randint(0, 255, (4, 3, size, size), dtype=torch.uint8)
+    val_images = torch.randint(0, 255, (4, 3, size, size), dtype=torch.uint8)
+    val = encode_all(model, val_images)
+    pseudo = PseudoAnomalies(val_images, np.ones((4, size, size), bool))
+    sets = {"blatant": pseudo, "subtle": pseudo}
+
+    def separation_peaking_at_half(height):  # the subtle set gains up to gain 0.5, the blatant pixel AUROC falls
+        def patch_separation(model_, images, sets_):
+            gain = float(model_.patch_experts[0].colour_gain[0]) / ratio
+            per_set = {"blatant image": 0.97, "blatant pixel": 0.74 - 0.1 * gain, "subtle image": 0.65 + height * min(gain, 0.5) - 0.1 * gain, "subtle pixel": 0.76}
+            return {**per_set, "mean": float(np.mean(list(per_set.values())))}
+        return patch_separation
+
+    with torch.no_grad():
+        model.colour.fit(train_images)
+        deviations = model.colour(val_images.float())
+        tokens = model.standardise(val.taps)
+        ratio = float(model.patch_experts[0](tokens).anomaly_map.std() / deviations.std())
+    monkeypatch.setattr(whitening, "patch_separation", separation_peaking_at_half(0.6))
+    record = whitening.choose_colour(model, train_images, val, val_images, lambda: None, seed=0, sets=sets)
+    assert record["gain"] == 0.5 and abs(float(model.patch_experts[0].colour_gain[0]) - 0.5 * ratio) < 1e-4 * ratio
+    # The blatant pixel AUROC falls 5 points there: the memory's rule would have refused every gain.
+    assert record["patch_auroc_by_gain"]["0.5"]["blatant pixel"] < record["patch_auroc_by_gain"]["0.0"]["blatant pixel"] - 0.01
+    monkeypatch.setattr(whitening, "patch_separation", separation_peaking_at_half(0.1))  # best, but too little
+    record = whitening.choose_colour(model, train_images, val, val_images, lambda: None, seed=0, sets=sets)
+    assert record["gain"] == 0.0 and all(float(e.colour_gain[0]) == 0 for e in model.patch_experts)
+    model.drop_unused_map_terms()
+    assert model.colour_deviations(val_images.float()) is None
+
+
+@pytest.mark.parametrize(
+    "term, config_key, left_out",
+    [
+        ("memory", "memory_size", lambda m: m.config.patch.memory_size == 0 and m.patch_memory is None),
+        ("colour", "colour_deviation", lambda m: m.config.patch.colour_deviation is False and m.colour is None),
+    ],
+)
+def test_a_checkpoint_from_before_a_map_term_loads_with_the_same_maps(measured_run, tmp_path, term, config_key, left_out):
     import torch
 
     payload = torch.load(measured_run / "model.pt", weights_only=True)
-    state = {k: v for k, v in payload["state_dict"].items() if k.endswith(".memory_gain")}
-    assert state, "the default config fits the memory"
-    payload["state_dict"] = {**payload["state_dict"], **{k: torch.zeros_like(v) for k, v in state.items()}}
+    gains = {k: v for k, v in payload["state_dict"].items() if k.endswith(f".{term}_gain")}
+    assert gains, f"the default config has the {term} term"
+    payload["state_dict"] = {**payload["state_dict"], **{k: torch.zeros_like(v) for k, v in gains.items()}}
     torch.save(payload, tmp_path / "model.pt")
     reference, _ = load_detector(tmp_path)
-    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if "memory" not in k}
-    del payload["config"]["model"]["patch"]["memory_size"]
+    module = "patch_memory." if term == "memory" else "colour."
+    payload["state_dict"] = {
+        k: v for k, v in payload["state_dict"].items() if not k.startswith(module) and not k.endswith(f".{term}_gain")
+    }
+    del payload["config"]["model"]["patch"][config_key]
     older = tmp_path / "older"
     older.mkdir()
     torch.save(payload, older / "model.pt")
     model, _ = load_detector(older)
-    assert model.config.patch.memory_size == 0 and model.patch_memory is None
+    assert left_out(model)
     images = torch.randint(0, 255, (2, 3, model.config.input_size, model.config.input_size)).float()
     with torch.no_grad():
         assert torch.equal(model(images).anomaly_map, reference(images).anomaly_map)

@@ -14,7 +14,8 @@ import numpy as np
 from amoe_sdk.errors import DataError
 from amoe_sdk.runtimes.preprocess import resize_to_input
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# The one list of image files every command and the runtime read (OpenCV reads each).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def list_images(folder: str | Path) -> list[Path]:

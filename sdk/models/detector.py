@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from amoe_sdk.config import ModelConfig
+from amoe_sdk.models.colour import ColourDeviation
 from amoe_sdk.models.components import ComponentAssigner
 from amoe_sdk.models.encoders import EncoderFeatures, build_encoder
 from amoe_sdk.models.experts import ComponentExpert, ExpertOutput, GlobalExpert, PatchExpert
@@ -69,8 +70,11 @@ class AnomalyMoE(nn.Module):
             PatchExpert(config.patch, self.encoder.tap_channels, grid) for _ in range(config.patch.num_experts)
         )
         self.patch_memory = PatchMemory(config.patch.memory_size, channels, grid) if config.patch.memory_size else None
-        # Whether forward computes the memory distances; ``drop_unused_memory`` clears it where no gain uses them.
+        self.colour = ColourDeviation(grid) if config.patch.colour_deviation else None
+        # Whether forward computes the memory distances and the colour deviations; ``drop_unused_map_terms`` clears
+        # each where no gain uses it.
         self.uses_memory = self.patch_memory is not None
+        self.uses_colour = self.colour is not None
         self.assigner = ComponentAssigner(
             config.component.num_slots, channels, grid, self.encoder.component_channels, self.encoder.component_grid
         )
@@ -118,14 +122,20 @@ class AnomalyMoE(nn.Module):
         self.encoder.eval()  # frozen: its batch norms never update
         return self
 
-    def drop_unused_memory(self) -> None:
-        """Leave the memory out of ``forward`` where every patch expert's gain for it is zero (the same maps; an
-        export then carries neither the bank nor its matmul). For exporting a finished model."""
+    def drop_unused_map_terms(self) -> None:
+        """Leave the memory and the colour deviation out of ``forward`` where every patch expert's gain for them
+        is zero (the same maps; an export then carries neither the bank nor its matmul). For exporting a finished
+        model."""
         self.uses_memory = self.patch_memory is not None and any(bool(e.memory_gain.any()) for e in self.patch_experts)
+        self.uses_colour = self.colour is not None and any(bool(e.colour_gain.any()) for e in self.patch_experts)
 
     def memory_distances(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """[B, N, C] standardised tokens -> [B, N] distances to the nearest normal patch, or None without one."""
         return self.patch_memory(tokens) if self.uses_memory else None
+
+    def colour_deviations(self, images_bgr: torch.Tensor) -> torch.Tensor | None:
+        """[B, 3, S, S] float BGR -> [B, N] colour deviations (``ColourDeviation``), or None without them."""
+        return self.colour(images_bgr) if self.uses_colour else None
 
     @property
     def static_routing(self) -> bool:
@@ -158,10 +168,11 @@ class AnomalyMoE(nn.Module):
         """All experts on one batch -> (router logits [B, E], routing weights [B, E], outputs in expert order)."""
         tokens = self.standardise(features.taps)
         logits, weights = self.route(features.descriptor, tokens.shape[0])
-        # Training needs no memory: its distances join the maps only, never the losses.
+        # Training needs neither: their distances join the maps only, never the losses.
         memory = None if with_loss else self.memory_distances(tokens)
+        colour = None if with_loss or not len(self.patch_experts) else self.colour_deviations(images_bgr)
         outputs = [
-            expert(tokens, easy_fraction if with_loss else None, easy_scale, memory) for expert in self.patch_experts
+            expert(tokens, easy_fraction if with_loss else None, easy_scale, memory, colour) for expert in self.patch_experts
         ]
         if len(self.component_experts):
             slots = self.assigner(tokens, features.components)

@@ -55,7 +55,8 @@ class PatchExpert(nn.Module):
       floor, that sees a residual leaving the directions normal images vary in, whatever its size.
 
     With a ``memory`` [B, N] passed in (the detector's ``PatchMemory`` distances, shared by every patch expert), the
-    map also gets ``memory_gain`` times it (zero until ``training.whitening`` measures it).
+    map also gets ``memory_gain`` times it (zero until ``training.whitening`` measures it); likewise a ``colour``
+    [B, N] (the detector's ``ColourDeviation``) with ``colour_gain``.
     """
 
     def __init__(self, config: PatchExpertConfig, tap_channels: list[int], grid_size: int):
@@ -81,6 +82,7 @@ class PatchExpert(nn.Module):
             self.register_buffer("residual_basis_weight", torch.zeros(grid_size * grid_size, k))
             self.register_buffer("residual_subspace_gain", torch.zeros(1))
         self.register_buffer("memory_gain", torch.zeros(1))
+        self.register_buffer("colour_gain", torch.zeros(1))
 
     def reconstruct(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, N, C] -> (reconstruction [B, N, C], representation [B, D])."""
@@ -116,9 +118,10 @@ class PatchExpert(nn.Module):
             self.whitening_forms = tuple(form for form in self.whitening_forms if bool(gains[form].any()))
 
     def forward(
-        self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1, memory: torch.Tensor | None = None
+        self, tokens: torch.Tensor, easy_fraction: float | None = None, easy_scale: float = 0.1,
+        memory: torch.Tensor | None = None, colour: torch.Tensor | None = None,
     ) -> ExpertOutput:
-        """tokens: [B, N, C]; memory: [B, N] or None. With ``easy_fraction`` set (training), the loss uses hard
+        """tokens: [B, N, C]; memory, colour: [B, N] or None. With ``easy_fraction`` set (training), the loss uses hard
         mining: the gradient of the easiest ``easy_fraction`` of positions per tap is multiplied by ``easy_scale``."""
         recon, representation = self.reconstruct(tokens)
         distances, losses = [], []
@@ -142,6 +145,8 @@ class PatchExpert(nn.Module):
                 anomaly_map = anomaly_map + self.residual_subspace_gain * self._subspace_distance(x)
         if memory is not None:
             anomaly_map = anomaly_map + self.memory_gain * memory
+        if colour is not None:
+            anomaly_map = anomaly_map + self.colour_gain * colour
         anomaly_map = anomaly_map.view(b, 1, self.grid_size, self.grid_size)
         loss = torch.stack(losses, 0).mean(0) if losses else None
         return ExpertOutput(anomaly_map, loss, representation)

@@ -323,7 +323,7 @@ def distill(
     # 0.811 against the teacher's 0.995 / 0.972; with its own whitening and normalisation, 0.961 / 0.963; with
     # its own level shares too, 0.978 / 0.959. Its patch experts' residual holds what their narrow
     # reconstruction misses.
-    calibration = calibrate_after_training(student, normal_features, val_features, val_images, training_config)
+    calibration = calibrate_after_training(student, normal_features, val_features, normals, val_images, training_config)
     fidelity = {
         **measure_fidelity(teacher, student, val_images, config.data.seed, config.data.pseudo_kinds),
         "map_error": as_distilled["map_error"], "score_error": as_distilled["score_error"],

@@ -29,7 +29,8 @@ from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.fusion import calibrate_level_weights
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
 from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
-from amoe_sdk.training.whitening import choose_memory, choose_whitening, fit_residual_statistics
+from amoe_sdk.training.fusion import pseudo_anomaly_sets
+from amoe_sdk.training.whitening import choose_colour, choose_memory, choose_whitening, fit_residual_statistics
 
 
 @dataclass
@@ -116,12 +117,14 @@ def calibrate_normalisation(model: AnomalyMoE, val: EncoderFeatures, val_images:
 
 @torch.no_grad()
 def calibrate_after_training(
-    model: AnomalyMoE, train: EncoderFeatures, val: EncoderFeatures, val_images: torch.Tensor, config: AmoeConfig
+    model: AnomalyMoE, train: EncoderFeatures, val: EncoderFeatures, train_images: torch.Tensor, val_images: torch.Tensor,
+    config: AmoeConfig,
 ) -> dict:
     """Everything measured on normal images once the experts are trained, in order: the components' normal areas
-    (``model.component.composition_gain``), the patch experts' residual
-    statistics and whitening form and gain (``model.patch.residual_whitening: auto``), the map normalisation, then the level
-    shares (``level_weighting: pseudo``), each on the maps the step before it settled. -> the calibration record."""
+    (``model.component.composition_gain``), the patch experts' residual statistics and whitening form and gain,
+    then the patch memory's and the colour deviation's gains (``model.patch.residual_whitening: auto``), the map
+    normalisation, then the level shares (``level_weighting: pseudo``), each on the maps the step before it
+    settled. ``train_images``: uint8 [M, 3, S, S], the images of ``train``. -> the calibration record."""
     model.eval()
     composition = None
     if config.model.component.composition_gain > 0 and len(model.component_experts):
@@ -130,9 +133,13 @@ def calibrate_after_training(
     if config.model.patch.residual_whitening == "auto" and len(model.patch_experts):
         ratios = fit_residual_statistics(model, train)
         renormalise = lambda: calibrate_normalisation(model, val, val_images, config)  # noqa: E731
-        whitening = choose_whitening(model, ratios, val_images, renormalise, config.train.seed)
+        seed = config.train.seed
+        sets = pseudo_anomaly_sets(val_images, seed)  # the same for every choice: made once
+        whitening = choose_whitening(model, ratios, val_images, renormalise, seed, sets)
         if model.patch_memory is not None:
-            whitening["memory"] = choose_memory(model, train, val, val_images, renormalise, config.train.seed)
+            whitening["memory"] = choose_memory(model, train, val, val_images, renormalise, seed, sets)
+        if model.colour is not None:
+            whitening["colour"] = choose_colour(model, train_images, val, val_images, renormalise, seed, sets)
     calibration = calibrate_normalisation(model, val, val_images, config)
     if config.model.postprocess.level_weighting == "pseudo":
         fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, config.train.seed)
@@ -262,7 +269,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
             save(resume_path, step + 1)
     bar.close()
 
-    calibration = calibrate_after_training(model, train_features, val_features, val_images, config)
+    calibration = calibrate_after_training(model, train_features, val_features, train_images, val_images, config)
     usage = _routing_usage(model, train_features)
     final = out_dir / FINAL_NAME
     save(final, tc.steps, {"calibration": calibration, "routing_usage": usage, "train_seconds": time.time() - started})
