@@ -170,7 +170,7 @@ class AnomalyMoE(nn.Module):
         logits, weights = self.route(features.descriptor, tokens.shape[0])
         # Training needs neither: their distances join the maps only, never the losses.
         memory = None if with_loss else self.memory_distances(tokens)
-        colour = None if with_loss or not len(self.patch_experts) else self.colour_deviations(images_bgr)
+        colour = None if with_loss else self.colour_deviations(images_bgr)
         outputs = [
             expert(tokens, easy_fraction if with_loss else None, easy_scale, memory, colour) for expert in self.patch_experts
         ]

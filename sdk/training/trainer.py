@@ -26,10 +26,9 @@ from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
 from amoe_sdk.training.composition import fit_composition
 from amoe_sdk.training.data import load_images, split_train_val
-from amoe_sdk.training.fusion import calibrate_level_weights
+from amoe_sdk.training.fusion import calibrate_level_weights, pseudo_anomaly_sets
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
 from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
-from amoe_sdk.training.fusion import pseudo_anomaly_sets
 from amoe_sdk.training.whitening import choose_colour, choose_memory, choose_whitening, fit_residual_statistics
 
 

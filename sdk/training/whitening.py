@@ -127,6 +127,15 @@ def patch_separation(model: AnomalyMoE, val_images: torch.Tensor, sets: dict[str
     return {**per_set, "mean": float(np.mean(list(per_set.values())))}
 
 
+def _best_removing_enough_error(separation: dict, candidates, baseline):
+    """The candidate with the best mean pseudo-anomaly AUROC in ``separation`` if it removes
+    ``MIN_ERROR_REDUCTION`` of the ``baseline``'s error (1 - AUROC), else the baseline."""
+    best = max(candidates, key=lambda candidate: separation[candidate]["mean"])
+    if 1.0 - separation[best]["mean"] > (1.0 - MIN_ERROR_REDUCTION) * (1.0 - separation[baseline]["mean"]):
+        return baseline
+    return best
+
+
 @torch.no_grad()
 def choose_whitening(
     model: AnomalyMoE, ratios: SpreadRatios, val_images: torch.Tensor, renormalise: Callable[[], None], seed: int,
@@ -142,10 +151,7 @@ def choose_whitening(
         _set_form(model, ratios, form, gain)
         renormalise()
         separation[(form, gain)] = patch_separation(model, val_images, sets)
-    cosine_alone = CANDIDATES[0]
-    best = max(CANDIDATES, key=lambda candidate: separation[candidate]["mean"])
-    if 1.0 - separation[best]["mean"] > (1.0 - MIN_ERROR_REDUCTION) * (1.0 - separation[cosine_alone]["mean"]):
-        best = cosine_alone
+    best = _best_removing_enough_error(separation, CANDIDATES, baseline=CANDIDATES[0])
     _set_form(model, ratios, *best)
     renormalise()
     return {
@@ -226,9 +232,7 @@ def _choose_term_gain(
         best = max(tolerated, default=0.0)
         described = f"the largest gain under which no patch-level AUROC (image and pixel, blatant and subtle) on held-out normals vs pseudo-anomalies falls more than {MAX_TERM_AUROC_DROP} below its value without the {term} term"
     else:
-        best = max(candidates, key=lambda gain: separation[gain]["mean"])
-        if 1.0 - separation[best]["mean"] > (1.0 - MIN_ERROR_REDUCTION) * (1.0 - without["mean"]):
-            best = 0.0
+        best = _best_removing_enough_error(separation, candidates, baseline=0.0)
         described = f"the gain with the best mean patch-level AUROC (image and pixel, blatant and subtle) on held-out normals vs pseudo-anomalies, if it removes {MIN_ERROR_REDUCTION:.0%} of the error without the {term} term"
     for buffer, ratio in zip(gains, ratios):
         buffer.fill_(best * ratio)
