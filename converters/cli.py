@@ -48,6 +48,9 @@ then: amoe verify bundles/kit-onnx --data data/sample/kit
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``amoe convert``; those that apply to only some targets, precisions or routings (``--dla-core``,
+    ``--calib-method``, ``--max-drop`` ...) have no argparse default, so that ``ConvertOptions.resolved`` can refuse
+    one given where it does not apply."""
     parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (or model.pt) from `amoe train`")
     parser.add_argument("--target", required=True, choices=("onnx", "intel", "jetson"), help="which runtime the bundle is for")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write: new, empty, or a bundle (replaced "
@@ -56,23 +59,24 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing", default="dense", choices=("dense", "folded"), help="default dense (exact)")
     parser.add_argument("--calib-data", type=Path, help="folder of normal images for folding and the threshold "
                         "(default: the run's held-out validation images)")
-    parser.add_argument("--fold-min-agreement", type=float, default=0.95, help="share of images that must pick the same experts (default 0.95)")
-    parser.add_argument("--force", action="store_true", help="fold to the most common expert set even below the agreement")
+    parser.add_argument("--fold-min-agreement", type=float, help="--routing folded: share of images that must pick the same experts (default 0.95)")
+    parser.add_argument("--force", action="store_true", help="fold to the most common expert set even below the agreement, "
+                        "and keep an INT8 result that misses the gate")
     parser.add_argument("--device", help="device recorded in the bundle, used by EdgeDetector when given none (intel: CPU, GPU, "
                         "NPU, AUTO; onnx: CPU, CUDA, TensorRT; jetson: cuda:0); absent on the device is an error, never the CPU")
     parser.add_argument("--batch", type=int, default=1, help="fixed batch size of the graph (default 1)")
     parser.add_argument("--threshold-sigma", type=float, default=3.0, help="threshold = mean + this many std of normal scores (default 3)")
     parser.add_argument("--dla-core", type=int, help="jetson: build for this DLA core, with GPU fallback")
-    parser.add_argument("--max-drop", type=float, default=0.01, help="int8: largest allowed drop of image and of pixel AUROC against FP32 (default 0.01)")
-    parser.add_argument("--max-threshold-rise", type=float, default=2.0,
+    parser.add_argument("--max-drop", type=float, help="int8: largest allowed drop of image and of pixel AUROC against FP32 (default 0.01)")
+    parser.add_argument("--max-threshold-rise", type=float,
                         help="int8: largest allowed ratio of the INT8 threshold to FP32's on the same normal images (default 2): "
                         "a higher noise floor hides subtle defects that pseudo-anomalies cannot reveal")
     parser.add_argument("--val-data", type=Path, help="int8: MVTec category whose anomalous test images (with masks) form the gate "
                         "(default: pseudo-anomalies made from held-out normal images)")
-    parser.add_argument("--calib-method", default="minmax", choices=("minmax", "entropy", "percentile"),
-                        help="int8 for onnx / jetson: activation range calibration (default minmax)")
+    parser.add_argument("--calib-method",
+                        help="int8 for onnx / jetson: activation range calibration, minmax (default), entropy or percentile")
     parser.add_argument("--no-accuracy-control", action="store_true", help="int8 for intel: plain NNCF quantization instead of accuracy control")
-    parser.add_argument("--tensorrt-cache-version", default="8.6.1", help="int8 for jetson: TensorRT version in the calibration cache header (default 8.6.1)")
+    parser.add_argument("--tensorrt-cache-version", help="int8 for jetson: TensorRT version in the calibration cache header (default 8.6.1)")
     parser.add_argument("--threads", type=int, help="CPU threads for export and calibration")
 
 
@@ -88,7 +92,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         target=args.target, precision=args.precision, routing=args.routing, calib_data=args.calib_data,
         fold_min_agreement=args.fold_min_agreement, force=args.force, device=args.device, batch_size=args.batch,
         threshold_sigma=args.threshold_sigma, dla_core=args.dla_core, max_drop=args.max_drop, max_threshold_rise=args.max_threshold_rise, val_data=args.val_data,
-        calib_method=args.calib_method, accuracy_control=not args.no_accuracy_control,
+        calib_method=args.calib_method, accuracy_control=False if args.no_accuracy_control else None,
         tensorrt_cache_version=args.tensorrt_cache_version,
     )
     out = convert(args.checkpoint, args.out, options)

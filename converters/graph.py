@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from amoe_sdk.runtimes.preprocess import pad_batch
+
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score", "routing_weights")
 
@@ -41,7 +43,6 @@ def infer_in_batches(infer: Callable[[np.ndarray], dict[str, np.ndarray]], frame
     outputs: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(frames), batch_size):
         chunk = frames[start : start + batch_size]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
-        for name, value in infer(np.ascontiguousarray(padded)).items():
+        for name, value in infer(pad_batch(chunk, batch_size)).items():
             outputs.setdefault(name, []).append(value[: len(chunk)])
     return {name: np.concatenate(values) for name, values in outputs.items()}

@@ -1,7 +1,9 @@
-"""OpenVINO IR (.xml / .bin) from the exported ONNX, with the manifest in ``rt_info``.
+"""OpenVINO IR (.xml / .bin) from the exported ONNX, with the bundle's manifest in ``rt_info``.
 
-``model_info`` carries the keys OpenVINO Model API's anomaly wrapper reads (model_type, task, image_threshold,
-pixel_threshold, normalization_scale, labels), so the IR also loads in Model API based tools.
+The manifest sits under ``rt_info["amoe_sdk"]["manifest"]`` (JSON), not under ``model_info``: OpenVINO Model API
+reads ``model_info`` to pick a wrapper, and its anomaly wrapper expects one or four outputs and float input in
+[0, 1], where this IR has three outputs and takes uint8 BGR. Run the IR with ``EdgeDetector``, or with OpenVINO
+itself as ``manifest.json`` describes.
 """
 
 from __future__ import annotations
@@ -12,23 +14,20 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+RT_INFO_PATH = ["amoe_sdk", "manifest"]
 
-def save_openvino(model: ov.Model, xml_path: Path, fp16: bool, threshold: dict, manifest_core: dict) -> None:
-    """Write ``model`` as IR with its rt_info; ``fp16`` stores the floating-point weights in FP16 (INT8 weights
-    of a quantized model stay INT8)."""
-    model_info = {
-        "model_type": "AnomalyDetection",
-        "task": "segmentation",
-        "labels": "Normal Anomaly",
-        "image_threshold": str(threshold["image"]),
-        "pixel_threshold": str(threshold["pixel"]),
-        # Model API divides by this to map scores to [0, 1] around 0.5 at the threshold.
-        "normalization_scale": str(2.0 * threshold["image"]),
-        "amoe_manifest": json.dumps(manifest_core),
-    }
-    for key, value in model_info.items():
-        model.set_rt_info(value, ["model_info", key])
+
+def save_openvino(model: ov.Model, xml_path: Path, fp16: bool, manifest: dict | None = None) -> None:
+    """Write ``model`` as IR, with ``manifest`` in its rt_info when given; ``fp16`` stores the floating-point
+    weights in FP16 (INT8 weights of a quantized model stay INT8)."""
+    if manifest is not None:
+        model.set_rt_info(json.dumps(manifest, allow_nan=False), RT_INFO_PATH)
     ov.save_model(model, str(xml_path), compress_to_fp16=fp16)
+
+
+def read_manifest(model: ov.Model) -> dict:
+    """The manifest ``save_openvino`` wrote into an IR's rt_info."""
+    return json.loads(model.get_rt_info(RT_INFO_PATH).astype(str))
 
 
 def compiled_infer(model: ov.Model, threads: int | None = None):

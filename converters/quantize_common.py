@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -139,3 +139,74 @@ def gate_metrics(infer: Callable[[np.ndarray], dict[str, np.ndarray]], gate: Gat
     threshold = normal_threshold(scores[gate.labels == 0], sigma)[0]
     groups = {name: (auroc(gate.labels[i], scores[i]), auroc(gate.masks[i], maps[i])) for name, i in gate.group_indices().items()}
     return GateMetrics(auroc(gate.labels, scores), auroc(gate.masks, maps), scores, maps, outputs["routing_weights"], threshold, groups)
+
+
+@dataclass
+class QuantizationReport:
+    """What an INT8 conversion measured and kept, as ``manifest.json`` records it under ``quantization``.
+
+    ``fp32`` / ``int8``: image and pixel AUROC on the whole gate set; ``groups``: each anomaly group's (image,
+    pixel) AUROC, FP32 and INT8; ``drop``: the worst of them (``GateMetrics.drop_from``); ``float_layers``: the
+    convolutions and matmuls the artifact holds in float; ``float_groups``: the layer groups wholly in float
+    beyond those float from the start; ``ranking``: the groups by damage, when the search measured it;
+    ``routing_changed_images``: gate images whose expert set INT8 changed (dense routing); ``threshold_shift``:
+    the INT8 bundle's measured threshold less FP32's on the gate normals."""
+
+    method: str
+    max_drop: float
+    gate_data: str
+    fp32: dict[str, float]
+    int8: dict[str, float]
+    groups: dict[str, dict[str, list[float]]]
+    drop: float
+    gate_label_flips: int
+    gate_images: int
+    threshold_rise: float
+    passed: bool
+    float_layers: list[str]
+    float_groups: list[str]
+    ranking: list[str]
+    routing_changed_images: list[int]
+    tries: list[dict]
+    threshold_fp32: float
+    threshold_shift: float | None = None
+    tensorrt_calibration_cache: dict | None = None
+
+    @classmethod
+    def measure(
+        cls, reference: GateMetrics, final: GateMetrics, gate: GateSet, method: str, max_drop: float, max_threshold_rise: float,
+        float_layers: list[str], float_groups: list[str], ranking: list[str], tries: list[dict], dense_routing: bool,
+    ) -> "QuantizationReport":
+        changed = np.nonzero(((reference.routing > 0) != (final.routing > 0)).any(axis=1))[0] if dense_routing else []
+        return cls(
+            method=method, max_drop=max_drop, gate_data=gate.source,
+            fp32={"image_auroc": reference.image_auroc, "pixel_auroc": reference.pixel_auroc},
+            int8={"image_auroc": final.image_auroc, "pixel_auroc": final.pixel_auroc},
+            groups={name: {"fp32": list(reference.groups[name]), "int8": list(values)} for name, values in final.groups.items()},
+            drop=final.drop_from(reference), gate_label_flips=final.flips_from(reference), gate_images=len(gate.labels),
+            threshold_rise=final.threshold_rise(reference), passed=final.passes(reference, max_drop, max_threshold_rise),
+            float_layers=list(float_layers), float_groups=list(float_groups), ranking=list(ranking),
+            routing_changed_images=[int(i) for i in changed], tries=tries, threshold_fp32=reference.threshold,
+        )
+
+    def group_summary(self) -> str:
+        """Image / pixel AUROC FP32 -> INT8 of each gate group, as one clause."""
+        return "by group: " + ", ".join(
+            f"{name} {g['fp32'][0]:.4f} / {g['fp32'][1]:.4f} -> {g['int8'][0]:.4f} / {g['int8'][1]:.4f}" for name, g in self.groups.items()
+        )
+
+    def failure(self, max_threshold_rise: float) -> str:
+        """Why the gate refused, with what to do."""
+        return (
+            f"INT8 misses the accuracy gate (--max-drop {self.max_drop}): image AUROC {self.fp32['image_auroc']:.4f} -> "
+            f"{self.int8['image_auroc']:.4f}, pixel AUROC {self.fp32['pixel_auroc']:.4f} -> {self.int8['pixel_auroc']:.4f}, "
+            f"{self.gate_label_flips} gate verdict(s) flipped (at most {allowed_flips(self.gate_images)} allowed), "
+            f"threshold x{self.threshold_rise:.2f} (at most x{max_threshold_rise:g}); {self.group_summary()} "
+            f"even with {len(self.float_layers)} layer(s) in float; use --precision fp16, raise --max-drop, or --force to keep it"
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if data["tensorrt_calibration_cache"] is None:
+            del data["tensorrt_calibration_cache"]
+        return data

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from amoe_sdk.calibration.data import GateSet
 from amoe_sdk.converters.graph import INPUT_NAME
 from amoe_sdk.converters.quantize_common import GateMetrics, float_nodes, gate_metrics, quantizable_groups
+from amoe_sdk.runtimes.preprocess import pad_batch
 
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 
@@ -28,15 +29,15 @@ class FramesReader(CalibrationDataReader):
     """Feeds uint8 [N, S, S, 3] frames to ONNX Runtime's calibrator in the graph's fixed batch size."""
 
     def __init__(self, frames: np.ndarray, batch_size: int):
-        usable = len(frames) - len(frames) % batch_size
-        self.batches = [frames[i : i + batch_size] for i in range(0, usable, batch_size)]
+        # Every frame is seen: a short last batch is padded with copies of its last frame.
+        self.batches = [pad_batch(frames[i : i + batch_size], batch_size) for i in range(0, len(frames), batch_size)]
         self.position = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.position >= len(self.batches):
             return None
         self.position += 1
-        return {INPUT_NAME: np.ascontiguousarray(self.batches[self.position - 1])}
+        return {INPUT_NAME: self.batches[self.position - 1]}
 
     def rewind(self) -> None:
         self.position = 0

@@ -20,7 +20,9 @@ from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
 from amoe_sdk.calibration.data import GateSet
 from amoe_sdk.converters.openvino_export import compiled_infer
-from amoe_sdk.converters.quantize_common import FLOAT_FROM_THE_START, SIGNAL_PATH, GateMetrics, gate_metrics
+from amoe_sdk.converters.quantize_common import (
+    FLOAT_FROM_THE_START, SIGNAL_PATH, GateMetrics, always_float, gate_metrics, layer_group,
+)
 from amoe_sdk.errors import ConversionError
 from amoe_sdk.evaluation.metrics import auroc
 
@@ -90,7 +92,8 @@ def quantize_openvino(
     max_threshold_rise: float = 2.0,
     ranking: list[str] = (),
 ) -> tuple[ov.Model, GateMetrics, GateMetrics, list[str], list[str]]:
-    """-> (INT8 model, FP32 gate metrics, INT8 gate metrics, names of the layers left in float, float groups).
+    """-> (INT8 model, FP32 gate metrics, INT8 gate metrics, names of the layers left in float, the layer groups
+    wholly in float in it).
 
     ``float_groups`` (from the ONNX Runtime search, which is much faster than NNCF's) start in float. When NNCF's
     result still fails the gate, the next groups of ``ranking`` (the ONNX Runtime search's damage order) return
@@ -138,7 +141,21 @@ def quantize_openvino(
         store_float_weights_fp16(quantized)
         final = gate_metrics(compiled_infer(quantized), gate, batch_size, sigma)
     check_signal_path_float(quantized)
-    return quantized, reference, final, float_layers(quantized), kept
+    floating = float_layers(quantized)
+    return quantized, reference, final, floating, groups_in_float(quantized, floating)
+
+
+def groups_in_float(model: ov.Model, floating: list[str]) -> list[str]:
+    """The layer groups (``layer_group``) whose every Convolution and MatMul the IR holds in float, without the
+    ones float from the start: what the model is, not what was asked of NNCF (its accuracy control starts from
+    the first float groups and returns its own choice of layers to float)."""
+    floating = set(floating)
+    by_group: dict[str, list[bool]] = {}
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul") and not always_float(name):
+            by_group.setdefault(layer_group(name), []).append(name in floating)
+    return [group for group, float_flags in by_group.items() if all(float_flags)]
 
 
 def float_layers(model: ov.Model) -> list[str]:

@@ -24,7 +24,7 @@ from amoe_sdk.evaluation.metrics import auroc
 from amoe_sdk.outputs import atomic_write_text
 from amoe_sdk.runtimes.backends import create_backend
 from amoe_sdk.runtimes.bundle import REPORT_NAME, Bundle, read_bundle, sha256_of
-from amoe_sdk.runtimes.preprocess import resize_to_input
+from amoe_sdk.runtimes.preprocess import pad_batch, resize_to_input
 
 FP32_MAP_RTOL = 1e-4
 
@@ -61,8 +61,7 @@ def verify(bundle_dir: str | Path, data: str | Path, reference: str | Path | Non
         for start in tqdm(range(0, len(images.paths), batch), desc="verify", unit="batch", disable=not show_progress):
             frames = [resize_to_input(read_image(p), size) for p in images.paths[start : start + batch]]
             count = len(frames)
-            frames += [frames[-1]] * (batch - count)
-            nhwc = np.stack(frames)
+            nhwc = pad_batch(frames, batch)
             with torch.no_grad():
                 ref = core(torch.from_numpy(nhwc).permute(0, 3, 1, 2).float())
             out = runner.infer(nhwc)

@@ -19,7 +19,7 @@ import numpy as np
 from amoe_sdk.errors import ConfigError, InputError
 from amoe_sdk.runtimes.backends import create_backend
 from amoe_sdk.runtimes.bundle import read_bundle
-from amoe_sdk.runtimes.preprocess import check_frame, heat_map_overlay, map_to_frame, resize_to_input
+from amoe_sdk.runtimes.preprocess import check_frame, heat_map_overlay, map_to_frame, pad_batch, resize_to_input
 from amoe_sdk.typed import in_range
 
 if TYPE_CHECKING:
@@ -140,11 +140,13 @@ class EdgeDetector:
         return results
 
     def prepare(self, frames: list[np.ndarray], offset: int = 0) -> np.ndarray:
-        """Check and resize up to ``batch_size`` frames -> the uint8 [B, S, S, 3] batch the backend takes."""
-        resized = [resize_to_input(check_frame(f, f"frame {offset + i}"), self.input_size) for i, f in enumerate(frames)]
-        # The graph has a fixed batch: pad a short last chunk with copies and drop their outputs.
-        resized += [resized[-1]] * (self.batch_size - len(resized))
-        return np.ascontiguousarray(np.stack(resized))
+        """Check and resize up to ``batch_size`` frames -> the uint8 [B, S, S, 3] batch the backend takes (the
+        graph's batch is fixed: a short chunk is padded, and ``results`` drops the padding's outputs)."""
+        return pad_batch([self.prepare_frame(f, offset + i) for i, f in enumerate(frames)], self.batch_size)
+
+    def prepare_frame(self, frame: np.ndarray, index: int = 0) -> np.ndarray:
+        """Check one frame (InputError naming ``frame {index}``) and resize it to the input size."""
+        return resize_to_input(check_frame(frame, f"frame {index}"), self.input_size)
 
     def results(self, frames: list[np.ndarray], outputs: dict[str, np.ndarray]) -> list[DetectionResult]:
         """The backend's outputs for ``prepare(frames)`` -> one ``DetectionResult`` per frame, maps at frame size."""

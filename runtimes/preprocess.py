@@ -38,6 +38,19 @@ def resize_to_input(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
+def pad_batch(frames, batch_size: int) -> np.ndarray:
+    """Up to ``batch_size`` uint8 S x S x 3 frames (a list or an [n, S, S, 3] array) -> the contiguous
+    [batch_size, S, S, 3] batch a fixed-batch graph takes: a short chunk is padded with copies of its last frame,
+    whose outputs the caller drops."""
+    count = len(frames)
+    if not 1 <= count <= batch_size:
+        raise ValueError(f"a batch of {batch_size} takes 1 to {batch_size} frames, got {count}")
+    stacked = np.stack(list(frames)) if not isinstance(frames, np.ndarray) else frames
+    if count < batch_size:
+        stacked = np.concatenate([stacked, np.repeat(stacked[-1:], batch_size - count, axis=0)])
+    return np.ascontiguousarray(stacked)
+
+
 def map_to_frame(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     """S x S float map -> height x width float32, bilinear."""
     if anomaly_map.shape == (height, width):

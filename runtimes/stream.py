@@ -1,10 +1,12 @@
 """``Stream``: frames from a source, captured in their own thread and inferred with several batches in flight.
 
-Capture never waits for inference: with the ``latest`` policy a frame that inference has not picked up when the
-next one arrives is dropped (and counted), so results stay current on a live line; with ``every`` the capture
-thread waits instead, so no frame is lost (a live camera then drops in its own driver). Live sources that stall
-or drop are reopened with exponential back-off, and each attempt is logged. Every structure is bounded, so a
-run of any length holds the same memory.
+Capture never waits for inference: with the ``latest`` policy the queue holds one batch of the newest frames and
+a frame that inference has not picked up when it is full is dropped (and counted), so results stay current on a
+live line; with ``every`` the capture thread waits instead, so no frame is lost (a live camera then drops in its
+own driver). Each inference batch takes as many waiting frames as the bundle's batch holds, and never waits for
+more. Live sources that stall or drop are reopened with exponential back-off, and each attempt is logged; an
+exception in capture ends the stream and is raised in the caller's loop after the frames read before it. Every
+structure is bounded, so a run of any length holds the same memory.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from amoe_sdk.errors import ConfigError, InputError
+from amoe_sdk.runtimes.preprocess import pad_batch
 from amoe_sdk.runtimes.sources import BadFrame, FrameSource, open_source
 
 if TYPE_CHECKING:
@@ -104,7 +107,9 @@ class Stream:
         self.source = open_source(source, **source_options) if not isinstance(source, FrameSource) else source
         self.max_frames, self.reconnect = max_frames, reconnect
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self._frames: queue.Queue = queue.Queue(maxsize=1 if policy == "latest" else queue_size)
+        # ``latest`` holds one batch of the newest frames (a batch-B bundle fills its batches from them).
+        self._frames: queue.Queue = queue.Queue(maxsize=detector.batch_size if policy == "latest" else queue_size)
+        self._capture_error: BaseException | None = None
         self._stop = threading.Event()
         self._latencies: deque[float] = deque(maxlen=10_000)
         self._stats = StreamStats()
@@ -135,6 +140,9 @@ class Stream:
                 self._stats.frames_read = index
                 if self.max_frames is not None and index >= self.max_frames:
                     break
+        except Exception as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it after the frames before it
+            LOG.error("capture from %s failed: %s", self.source.describe(), exc)
+            self._capture_error = exc
         finally:
             self.source.close()
             self._put_blocking(_END)
@@ -193,6 +201,24 @@ class Stream:
                     return None
         return _END
 
+    def _take_batch(self, wait: bool) -> tuple[list[tuple[_Captured, np.ndarray]], bool]:
+        """Up to the bundle's batch size of captured frames, each checked and resized, waiting for the first only
+        when ``wait`` and taking the rest only if already captured (a batch never waits to fill) -> (frames,
+        whether capture has ended). Bad frames are logged, counted and left out."""
+        taken: list[tuple[_Captured, np.ndarray]] = []
+        while len(taken) < self.detector.batch_size:
+            item = self._next(wait=wait and not taken)
+            if item is None:
+                return taken, False
+            if item is _END:
+                return taken, True
+            try:
+                taken.append((item, self.detector.prepare_frame(item.image, item.index)))
+            except InputError as exc:
+                LOG.warning("frame %d skipped: %s", item.index, exc)
+                self._stats.bad_frames += 1
+        return taken, False
+
     def __iter__(self) -> Iterator[StreamResult]:
         pipeline = self._pipeline = self.detector.backend.pipeline(self.depth)
         in_flight: deque = deque()
@@ -200,29 +226,24 @@ class Stream:
         try:
             while True:
                 while not ended and len(in_flight) < self.depth:
-                    item = self._next(wait=not in_flight)
-                    if item is None:
+                    taken, ended = self._take_batch(wait=not in_flight)
+                    if not taken:
                         break
-                    if item is _END:
-                        ended = True
-                        break
-                    try:
-                        batch = self.detector.prepare([item.image], item.index)
-                    except InputError as exc:
-                        LOG.warning("frame %d skipped: %s", item.index, exc)
-                        self._stats.bad_frames += 1
-                        continue
-                    in_flight.append((item, pipeline.submit(batch)))
+                    batch = pad_batch([resized for _, resized in taken], self.detector.batch_size)
+                    in_flight.append(([item for item, _ in taken], pipeline.submit(batch)))
                 if not in_flight:
                     if ended:
+                        if self._capture_error is not None:
+                            raise self._capture_error
                         return
                     continue
-                item, future = in_flight.popleft()
-                result = self.detector.results([item.image], future.result())[0]
-                latency = (time.perf_counter() - item.clock) * 1000.0
-                self._latencies.append(latency)
-                self._stats.frames_done += 1
-                yield StreamResult(item.index, item.captured_at, latency, result)
+                items, future = in_flight.popleft()
+                outputs = future.result()
+                for item, result in zip(items, self.detector.results([item.image for item in items], outputs)):
+                    latency = (time.perf_counter() - item.clock) * 1000.0
+                    self._latencies.append(latency)
+                    self._stats.frames_done += 1
+                    yield StreamResult(item.index, item.captured_at, latency, result)
         finally:
             self._finished = time.perf_counter()
             self.close()

@@ -62,3 +62,21 @@ def test_convert_verify_and_bundle_info(tiny_run, sample_root, tmp_path, capsys)
 def test_amoe_convert_console_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "amoe_sdk.converters.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--target" in result.stdout and "folded" in result.stdout
+
+
+def test_a_convert_option_that_does_not_apply_to_the_target_is_a_usage_error(tiny_run, tmp_path, capsys):
+    cases = [
+        (["--target", "onnx", "--dla-core", "0"], "--dla-core applies only to --target jetson"),
+        (["--target", "intel", "--precision", "int8", "--calib-method", "entropy"], "--calib-method applies only to --target onnx / jetson"),
+        (["--target", "onnx", "--precision", "int8", "--tensorrt-cache-version", "10.3"], "--tensorrt-cache-version applies only to --target jetson"),
+        (["--target", "onnx", "--no-accuracy-control"], "--no-accuracy-control applies only to --target intel with --precision int8"),
+        (["--target", "intel", "--max-drop", "0.02"], "--max-drop applies only to --precision int8"),
+        (["--target", "onnx", "--fold-min-agreement", "0.8"], "--fold-min-agreement applies only to --routing folded"),
+    ]
+    for flags, message in cases:
+        out = tmp_path / "never"
+        assert main(["convert", "--checkpoint", str(tiny_run), "--out", str(out), *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+        assert not out.exists()
+    assert main(["convert", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "b"), "--target", "onnx", "--precision", "int8", "--calib-method", "often"]) == 4
+    assert "--calib-method often: choose minmax, entropy, percentile" in capsys.readouterr().err

@@ -206,3 +206,36 @@ def test_a_fake_quantize_on_the_signal_path_is_refused():
     fused.set_friendly_name("/detector/Mul_3")
     with pytest.raises(ConversionError, match="anomaly signal"):
         check_signal_path_float(ov.Model([fused], [x]))
+
+
+def test_the_openvino_float_groups_are_what_the_ir_holds_not_what_was_asked(intel_bundle, monkeypatch):
+    import nncf
+    import openvino as ov
+
+    import amoe_sdk.converters.quantize_openvino as quantize_openvino
+
+    class Verdicts:  # the gate's verdict on each try in turn, without measuring
+        def __init__(self, passes):
+            self.answers = iter(passes)
+
+        def __call__(self, *args):
+            outcome = next(self.answers)
+            return type("Gate", (), {"passes": lambda self, *a: outcome, "threshold_rise": lambda self, r: 1.0})()
+
+    model = ov.Core().read_model(str(intel_bundle / "model.xml"))
+    frames = np.random.default_rng(0).integers(0, 256, (4, 128, 128, 3), dtype=np.uint8)
+    group = "encoder/stages.3"
+    # FP32, the first try (misses), then the try with the stage in float (holds): the stage is reported float.
+    monkeypatch.setattr(quantize_openvino, "gate_metrics", Verdicts([True, False, True]))
+    *_, groups = quantize_openvino.quantize_openvino(model, frames, None, 1, accuracy_control=False, ranking=[group])
+    assert group in groups
+    # Both tries miss: NNCF's accuracy control starts from the first float groups (none) and here quantizes
+    # every layer again; the report said the stage stayed in float.
+    def accuracy_control(model_, calibration, validation, validate, *, ignored_scope, subset_size, **_):
+        return nncf.quantize(model_, calibration, subset_size=subset_size, ignored_scope=ignored_scope)
+
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", accuracy_control)
+    monkeypatch.setattr(quantize_openvino, "gate_metrics", Verdicts([True, False, False, False]))
+    gate = type("Gate", (), {"frames": frames})  # what the accuracy control's validation would run on
+    *_, groups = quantize_openvino.quantize_openvino(model, frames, gate, 1, accuracy_control=True, ranking=[group])
+    assert group not in groups

@@ -18,15 +18,21 @@ from amoe_sdk.calibration.data import load_frames
 from amoe_sdk.data.layouts import read_dataset
 from amoe_sdk.errors import InputError
 from amoe_sdk.runtimes import EdgeDetector
-from amoe_sdk.runtimes.sources import CaptureSource, jetson_csi_pipeline, open_source
+from amoe_sdk.runtimes.sources import CaptureSource, FrameSource, jetson_csi_pipeline, open_source
 
 
 def _ffmpeg() -> str:
-    path = shutil.which("ffmpeg")
+    """The static ffmpeg of the ``imageio-ffmpeg`` wheel (in the ``dev`` extra), else one on the PATH."""
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        path = shutil.which("ffmpeg")
     if path is None:
         if os.environ.get("CI"):
-            pytest.fail("ffmpeg is missing: .ci/run installs it with apt-get before the tests")
-        pytest.skip("ffmpeg is not installed (apt-get install ffmpeg); CI installs it and runs this test")
+            pytest.fail("ffmpeg is missing: the dev extra's imageio-ffmpeg ships it, and .ci/run falls back to apt-get")
+        pytest.skip("ffmpeg is missing: pip install -e '.[dev]' (imageio-ffmpeg ships one) or apt-get install ffmpeg")
     return path
 
 
@@ -184,3 +190,53 @@ def test_source_errors_name_the_source_and_the_fix(tmp_path):
     pipeline = jetson_csi_pipeline(sensor_id=1, width=1280, height=720, fps=60)
     assert pipeline.startswith("nvarguscamerasrc sensor-id=1 !") and "appsink drop=true" in pipeline
     assert open_source(pipeline).kind == "gstreamer" and open_source(0).kind == "camera"
+
+
+class _ListSource(FrameSource):
+    """A finite source of the given frames that raises ``fault`` after them, if one is given."""
+
+    def __init__(self, frames, fault: Exception | None = None):
+        self.frames, self.fault, self.position = frames, fault, 0
+
+    def open(self) -> None:
+        self.position = 0
+
+    def read(self):
+        if self.position == len(self.frames):
+            if self.fault is not None:
+                raise self.fault
+            return None
+        self.position += 1
+        return self.frames[self.position - 1]
+
+
+def _washer_frames(sample_root, count):
+    return list(load_frames(sorted((sample_root / "washer" / "test" / "good").iterdir())[:count], 128))
+
+
+def test_an_error_in_capture_reaches_the_caller_after_the_frames_read_before_it(sample_root, onnx_bundle):
+    source = _ListSource(_washer_frames(sample_root, 3), RuntimeError("sensor fault on the camera link"))
+    indices = []
+    with pytest.raises(RuntimeError, match="sensor fault"):
+        with EdgeDetector(onnx_bundle).stream(source, policy="every") as stream:
+            for item in stream:
+                indices.append(item.frame_index)
+    assert indices == [0, 1, 2]  # before: the stream ended as if the source had finished
+
+
+def test_a_batch_bundle_fills_its_batches_from_the_captured_frames(sample_root, tiny_run, tmp_path):
+    from amoe_sdk.converters.convert import ConvertOptions, convert
+
+    bundle = convert(tiny_run, tmp_path / "batch4", ConvertOptions(target="onnx", batch_size=4))
+    detector = EdgeDetector(bundle)
+    frames = (_washer_frames(sample_root, 4) * 3)[:10]
+    offline = [r.score for r in detector.predict_batch(frames)]
+    batches = []
+    infer = detector.backend.infer
+    detector.backend.infer = lambda batch: (batches.append(len(batch)), infer(batch))[1]
+    with detector.stream(_ListSource(frames), policy="every", depth=1) as stream:
+        time.sleep(0.5)  # every frame captured before the first batch is taken
+        results = list(stream)
+    assert [r.frame_index for r in results] == list(range(10))
+    assert [r.score for r in results] == pytest.approx(offline, rel=1e-5)
+    assert len(batches) == 3  # 4 + 4 + 2 frames; before, one frame per batch of 4: 10 calls
