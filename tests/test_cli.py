@@ -80,3 +80,11 @@ def test_a_convert_option_that_does_not_apply_to_the_target_is_a_usage_error(tin
         assert not out.exists()
     assert main(["convert", "--checkpoint", str(tiny_run), "--out", str(tmp_path / "b"), "--target", "onnx", "--precision", "int8", "--calib-method", "often"]) == 4
     assert "--calib-method often: choose minmax, entropy, percentile" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2_in_every_verb(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path), "--out", str(tmp_path / "m.json")]) == 2  # neither --data nor --normal / --abnormal
+    assert "evaluation needs --data" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path), "--floor", "0.5"]) == 2  # a floor needs labelled data
+    assert "--floor needs --data" in capsys.readouterr().err
+    assert main(["convert", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b"), "--target", "onnx", "--dla-core", "0"]) == 2
