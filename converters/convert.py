@@ -37,7 +37,9 @@ from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
 from amoe_sdk.data.images import list_images
 from amoe_sdk.errors import ConfigError, ConversionError, DataError, UsageError
 from amoe_sdk.runtimes.bundle import sha256_of
-from amoe_sdk.runtimes.manifest import DEVICE_EXAMPLES, DEVICE_PATTERNS, PRECISIONS, ROUTING_MODES, SCHEMA_VERSION, TARGETS
+from amoe_sdk.runtimes.manifest import (
+    DEVICE_EXAMPLES, DEVICE_PATTERNS, PRECISIONS, ROUTING_MODES, SCHEMA_VERSION, TARGETS, BundleManifest,
+)
 from amoe_sdk.training.data import load_images
 from amoe_sdk.typed import describe_range, in_range
 from amoe_sdk.version import __version__
@@ -282,7 +284,6 @@ class Exporter:
             artifact.files["tensorrt_engine"] = "model.engine"
             artifact.extra["tensorrt_engine"] = {**engine, "gpu": TensorRTBackend.gpu_name(0)}
         else:
-            artifact.extra["tensorrt_engine"] = None
             print("no TensorRT + CUDA device here: the bundle carries the TensorRT-ready ONNX; the engine is built on the device at first load")
         return artifact
 
@@ -311,13 +312,12 @@ class Exporter:
         scores = infer_in_batches(artifact.infer, self.frames, options.batch_size)["score"].astype(np.float64)
         threshold = measured_threshold(scores, options.threshold_sigma, self.source, artifact.measured_with)
         manifest = {
+            # The schema's defaults written out, as manifest.json has them, so that every copy is the same.
+            **BundleManifest.optional_defaults(),
             **self.metadata,
             "artifacts": artifact.files,
             "threshold": threshold,
             "calibration": {"images": len(self.paths), "source": self.source, "measured_with": artifact.measured_with},
-            # Written out where absent, as manifest.json's schema writes them, so that every copy is the same.
-            "quantization": None,
-            "tensorrt_engine": None,
             **artifact.extra,
         }
         if self.quantization is not None:
@@ -349,11 +349,12 @@ class Exporter:
         from amoe_sdk.converters.quantize_onnx import gated_quantize
 
         o = self.options
+        # OpenVINO's layer search runs here too, with the range method's default (--calib-method is not its option).
+        method = o.calib_method or CONDITIONAL_OPTIONS["calib_method"].default
         result = gated_quantize(fp32_path, out_path, self.int8_frames, self.gate, o.batch_size, onnx_infer, o.max_drop,
-                                o.calib_method or "minmax", for_tensorrt=for_tensorrt, sigma=o.threshold_sigma,
-                                max_threshold_rise=o.max_threshold_rise)
+                                method, for_tensorrt=for_tensorrt, sigma=o.threshold_sigma, max_threshold_rise=o.max_threshold_rise)
         return QuantizationReport.measure(
-            result.reference, result.final, self.gate, o.calib_method or "minmax", o.max_drop, o.max_threshold_rise,
+            result.reference, result.final, self.gate, method, o.max_drop, o.max_threshold_rise,
             result.float_nodes, result.float_groups, result.ranking, result.tries, o.routing == "dense",
         )
 

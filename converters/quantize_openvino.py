@@ -26,6 +26,8 @@ from amoe_sdk.converters.quantize_common import (
 from amoe_sdk.errors import ConversionError
 from amoe_sdk.evaluation.metrics import auroc
 
+# The ops whose weights NNCF quantizes: what "in float" is counted over.
+WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul")
 # Absolute min/max over the calibration set (NNCF's default averages each image's extremes).
 ADVANCED = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
 
@@ -153,7 +155,7 @@ def groups_in_float(model: ov.Model, floating: list[str]) -> list[str]:
     by_group: dict[str, list[bool]] = {}
     for op in model.get_ordered_ops():
         name = op.get_friendly_name()
-        if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul") and not always_float(name):
+        if op.get_type_name() in WEIGHTED_OPS and not always_float(name):
             by_group.setdefault(layer_group(name), []).append(name in floating)
     return [group for group, float_flags in by_group.items() if all(float_flags)]
 
@@ -162,7 +164,7 @@ def float_layers(model: ov.Model) -> list[str]:
     """Convolutions and MatMuls whose weights did not go through a FakeQuantize or an 8-bit constant."""
     floating = []
     for op in model.get_ordered_ops():
-        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+        if op.get_type_name() not in WEIGHTED_OPS:
             continue
         producers = {op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())}
         weights_low_bit = any(

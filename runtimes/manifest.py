@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -129,6 +129,11 @@ class BundleManifest:
     quantization: dict[str, Any] | None = None
     tensorrt_engine: dict[str, Any] | None = None
     convert_seconds: float | None = None
+
+    @classmethod
+    def optional_defaults(cls) -> dict[str, Any]:
+        """The top-level keys a writer may leave out, with the values ``to_dict`` writes for them."""
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
     @classmethod
     def parse(cls, data: Any, origin: str) -> "BundleManifest":
