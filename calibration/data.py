@@ -8,7 +8,7 @@ normal images.
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +16,12 @@ import cv2
 import numpy as np
 
 from amoe_sdk.calibration.pseudo_anomalies import synthesise, synthesise_subtle
-from amoe_sdk.data.images import list_images, read_image, read_mask
+from amoe_sdk.data.images import list_images, read_image, read_mask, resize_to_input
 from amoe_sdk.errors import DataError
-from amoe_sdk.runtimes.preprocess import resize_to_input
 
 # Below these counts a warning says so: INT8 ranges need more normal images than a threshold does (a threshold is
 # one quantile of the scores; ranges are taken per layer, and a rare normal pattern missing from them is clipped).
+LOG = logging.getLogger("amoe_sdk.calibration")
 MIN_INT8_CALIBRATION_IMAGES = 32
 MIN_THRESHOLD_IMAGES = 8
 
@@ -34,10 +34,7 @@ def normal_image_paths(source: str | Path) -> list[Path]:
     if not paths:
         raise DataError(f"no calibration images in {folder}; pass a folder of normal PNG/JPEG/BMP images (never random data)")
     if len(paths) < MIN_INT8_CALIBRATION_IMAGES:
-        warnings.warn(
-            f"only {len(paths)} calibration images in {folder}; INT8 ranges are unreliable below {MIN_INT8_CALIBRATION_IMAGES}",
-            stacklevel=2,
-        )
+        LOG.warning("only %d calibration images in %s; INT8 ranges are unreliable below %d", len(paths), folder, MIN_INT8_CALIBRATION_IMAGES)
     return paths
 
 

@@ -15,9 +15,9 @@ import shutil
 from pathlib import Path
 
 from amoe_sdk.errors import UsageError
-from amoe_sdk.outputs import WRITER_MARKER, mark_as_ours, remove_stale_writers, stale_writer
+from amoe_sdk.outputs import WRITER_MARKER, mark_as_ours, remove_stale_writers, sha256_of, stale_writer
 from amoe_sdk.process import raise_if_signalled
-from amoe_sdk.runtimes.bundle import AFTER_CONVERSION, MANIFEST_NAME, sha256_of
+from amoe_sdk.runtimes.bundle import AFTER_CONVERSION, MANIFEST_NAME
 from amoe_sdk.runtimes.manifest import BundleManifest, manifest_digest
 
 

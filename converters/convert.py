@@ -12,6 +12,7 @@ does not apply is a usage error, never silently ignored.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -28,7 +29,7 @@ from amoe_sdk.calibration.tensorrt_cache import write_tensorrt_cache
 from amoe_sdk.calibration.thresholds import normal_threshold
 from amoe_sdk.checkpoint import load_detector
 from amoe_sdk.converters.bundle_writer import BundleWriter, check_bundle_destination
-from amoe_sdk.converters.folding import expert_names, fold_routing
+from amoe_sdk.converters.folding import fold_routing
 from amoe_sdk.converters.graph import INPUT_NAME, EdgeGraph, infer_in_batches
 from amoe_sdk.converters.onnx_export import OPSET, check_finite, export_onnx, onnx_infer, save_with_metadata, to_fp16
 from amoe_sdk.converters.openvino_export import compiled_infer, save_openvino
@@ -36,16 +37,18 @@ from amoe_sdk.converters.quantize_common import QuantizationReport
 from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
 from amoe_sdk.data.images import list_images
 from amoe_sdk.errors import ConfigError, ConversionError, DataError, UsageError
-from amoe_sdk.runtimes.bundle import sha256_of
+from amoe_sdk.models.routing import expert_names
 from amoe_sdk.runtimes.manifest import (
     DEVICE_EXAMPLES, DEVICE_PATTERNS, PRECISIONS, ROUTING_MODES, SCHEMA_VERSION, TARGETS, BundleManifest,
 )
 from amoe_sdk.training.data import load_images
+from amoe_sdk.outputs import sha256_of
 from amoe_sdk.typed import describe_range, in_range
 from amoe_sdk.version import __version__
 
 # Every artifact's threshold is measured in FP32 arithmetic (OpenVINO pinned to f32, ONNX Runtime on the CPU); the
 # runtime pins the same precision on every device.
+LOG = logging.getLogger("amoe_sdk.converters")
 MEASURED_PRECISION = "f32"
 # The keys of the manifest that depend on the artifacts' bytes: ``manifest.json`` has them, the copy inside each
 # artifact cannot.
@@ -206,10 +209,10 @@ class Exporter:
         if options.routing == "folded":
             core, report = fold_routing(model, images, options.fold_min_agreement, options.force)
             folding = report.to_dict()
-            print(
-                f"folded routing: {report.agreement:.1%} of {report.images} images agree on {' + '.join(report.selected)}; "
-                f"kept {', '.join(report.kept)}; params {report.params_before:,} -> {report.params_after:,}, "
-                f"GFLOPs {report.gflops_before:.2f} -> {report.gflops_after:.2f}"
+            LOG.info(
+                "folded routing: %.1f%% of %d images agree on %s; kept %s; params %s -> %s, GFLOPs %.2f -> %.2f",
+                100 * report.agreement, report.images, " + ".join(report.selected), ", ".join(report.kept),
+                f"{report.params_before:,}", f"{report.params_after:,}", report.gflops_before, report.gflops_after,
             )
         self.graph = EdgeGraph(core).eval()
         self.metadata = self.describe(model, folding)
@@ -217,7 +220,7 @@ class Exporter:
         if options.precision == "int8":
             self.int8_frames, int8_source = int8_calibration_frames(self.payload, options.calib_data, size)
             self.gate = gate_set(self.frames, size, options.val_data, seed=0)
-            print(f"INT8: calibrating on {len(self.int8_frames)} images from {int8_source}; gate on {self.gate.source}")
+            LOG.info("INT8: calibrating on %d images from %s; gate on %s", len(self.int8_frames), int8_source, self.gate.source)
 
     def describe(self, model, folding: dict | None) -> dict:
         """The manifest's keys known before any artifact exists."""
@@ -284,7 +287,7 @@ class Exporter:
             artifact.files["tensorrt_engine"] = "model.engine"
             artifact.extra["tensorrt_engine"] = {**engine, "gpu": TensorRTBackend.gpu_name(0)}
         else:
-            print("no TensorRT + CUDA device here: the bundle carries the TensorRT-ready ONNX; the engine is built on the device at first load")
+            LOG.info("no TensorRT + CUDA device here: the bundle carries the TensorRT-ready ONNX; the engine is built on the device at first load")
         return artifact
 
     def export_openvino(self) -> Artifact:
@@ -322,7 +325,7 @@ class Exporter:
         }
         if self.quantization is not None:
             self.quantization.threshold_shift = threshold["image"] - self.quantization.threshold_fp32
-            self._print_gate(threshold["image"])
+            self._report_gate(threshold["image"])
             manifest["quantization"] = self.quantization.to_dict()
         manifest["convert_seconds"] = round(time.time() - started, 1)
         artifact.embed(manifest)
@@ -383,12 +386,13 @@ class Exporter:
         if not (report.passed or self.options.force):
             raise ConversionError(report.failure(self.options.max_threshold_rise))
 
-    def _print_gate(self, threshold: float) -> None:
+    def _report_gate(self, threshold: float) -> None:
         q = self.quantization
-        print(
-            f"INT8 gate {'passed' if q.passed else 'FAILED'}: image AUROC {q.fp32['image_auroc']:.4f} -> {q.int8['image_auroc']:.4f}, "
-            f"pixel AUROC {q.fp32['pixel_auroc']:.4f} -> {q.int8['pixel_auroc']:.4f}; {len(q.float_layers)} layer(s) kept in float; "
-            f"threshold {q.threshold_fp32:.4f} -> {threshold:.4f}; {q.gate_label_flips} gate verdict(s) flipped; {q.group_summary()}"
+        LOG.info(
+            "INT8 gate %s: image AUROC %.4f -> %.4f, pixel AUROC %.4f -> %.4f; %d layer(s) kept in float; threshold "
+            "%.4f -> %.4f; %d gate verdict(s) flipped; %s", "passed" if q.passed else "FAILED", q.fp32["image_auroc"],
+            q.int8["image_auroc"], q.fp32["pixel_auroc"], q.int8["pixel_auroc"], len(q.float_layers), q.threshold_fp32,
+            threshold, q.gate_label_flips, q.group_summary(),
         )
 
 
@@ -420,7 +424,7 @@ def calibration_paths(payload: dict, calib_data: Path | None) -> tuple[list[Path
     if not paths:
         raise DataError(f"no calibration images in {source}; pass --calib-data DIR with normal images (PNG/JPEG/BMP)")
     if len(paths) < MIN_THRESHOLD_IMAGES:
-        print(f"warning: only {len(paths)} calibration images in {source}; the threshold is noisy below {MIN_THRESHOLD_IMAGES}")
+        LOG.warning("only %d calibration images in %s; the threshold is noisy below %d", len(paths), source, MIN_THRESHOLD_IMAGES)
     return paths, source
 
 
@@ -437,7 +441,7 @@ def int8_calibration_frames(payload: dict, calib_data: Path | None, size: int) -
             "pass --calib-data DIR with normal images for INT8 calibration"
         )
     if len(paths) < MIN_INT8_CALIBRATION_IMAGES:
-        print(f"warning: only {len(paths)} INT8 calibration images; ranges are unreliable below {MIN_INT8_CALIBRATION_IMAGES}")
+        LOG.warning("only %d INT8 calibration images; ranges are unreliable below %d", len(paths), MIN_INT8_CALIBRATION_IMAGES)
     return load_frames(paths, size), "the run's training images"
 
 

@@ -13,32 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from amoe_sdk.errors import ConversionError
 from amoe_sdk.models.detector import AnomalyMoE, DetectorOutput, normalise_expert_maps, upsample_and_score
 from amoe_sdk.models.layers import standardise_taps
-
-
-def expert_names(model: AnomalyMoE) -> list[str]:
-    counts: Counter[str] = Counter()
-    names = []
-    for level in model.expert_levels:
-        names.append(f"{level}{counts[level]}")
-        counts[level] += 1
-    return names
-
-
-@torch.no_grad()
-def route(model: AnomalyMoE, images_bgr: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits and top-k weights for uint8 images [N, 3, S, S] -> ([N, E], [N, E])."""
-    logits, weights = [], []
-    for start in range(0, len(images_bgr), batch_size):
-        chunk = images_bgr[start : start + batch_size]
-        chunk_logits, chunk_weights = model.route(model.encode(chunk.float()).descriptor, len(chunk))
-        logits.append(chunk_logits)
-        weights.append(chunk_weights)
-    return torch.cat(logits), torch.cat(weights)
+from amoe_sdk.models.routing import count_cost, expert_names, route_images, selected_sets, set_histogram
 
 
 @dataclass
@@ -119,48 +98,27 @@ class FoldedDetector(nn.Module):
         return DetectorOutput(full, score, routing, torch.zeros_like(routing), expert_maps)
 
 
-def count_cost(module: nn.Module, input_size: int) -> tuple[int, float]:
-    """(parameters, GFLOPs per image at batch 1) of what a detector's inference forward pass actually runs:
-    parameters of the modules that execute (an exporter drops the rest, such as encoder stages after the last
-    tap of a detector without router), FLOPs as counted by torch."""
-    executed: set[int] = set()
-    hooks = [m.register_forward_hook(lambda mod, *_: executed.add(id(mod))) for m in module.modules()]
-    counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            module(torch.zeros(1, 3, input_size, input_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    params = sum(p.numel() for m in module.modules() if id(m) in executed for p in m.parameters(recurse=False))
-    return params, counter.get_total_flops() / 1e9
-
-
 def fold_routing(model: AnomalyMoE, images_bgr: torch.Tensor, min_agreement: float = 0.95, force: bool = False) -> tuple[FoldedDetector, FoldingReport]:
     """Measure the router on calibration images (uint8 [N, 3, S, S]) and fold it; raises ConversionError with the
     histogram when the most common expert set covers less than ``min_agreement`` of the images and not ``force``."""
     if len(images_bgr) == 0:
         raise ConversionError("folding needs calibration images and got none; pass --calib-data with normal images")
     names = expert_names(model)
-    logits, weights = route(model, images_bgr)
-    selected_sets = [tuple(int(e) for e in torch.nonzero(row > 0).flatten()) for row in weights]
-    counts = Counter(selected_sets)
-    histogram = [
-        {"experts": [names[e] for e in experts], "count": count, "share": count / len(selected_sets)}
-        for experts, count in counts.most_common()
-    ]
-    best, best_count = counts.most_common(1)[0]
-    agreement = best_count / len(selected_sets)
+    logits, weights = route_images(model, images_bgr)
+    sets = selected_sets(weights)
+    histogram = set_histogram(sets, names)
+    best, best_count = Counter(sets).most_common(1)[0]
+    agreement = best_count / len(sets)
     report_notes = []
     if agreement < min_agreement:
         message = (
-            f"the router agrees on one expert set for only {agreement:.1%} of the {len(selected_sets)} calibration "
+            f"the router agrees on one expert set for only {agreement:.1%} of the {len(sets)} calibration "
             f"images (--fold-min-agreement {min_agreement:.0%}):\n{histogram_lines(histogram)}\n"
         )
         if not force:
             raise ConversionError(message + "use --routing dense (exact), or --force to fold to the most common set anyway")
         report_notes.append("forced: " + message.strip())
-    agreeing = torch.tensor([s == best for s in selected_sets])
+    agreeing = torch.tensor([s == best for s in sets])
     fusion = model.fusion_weights(logits[agreeing], weights[agreeing])  # [A, E]
     constant = fusion.mean(dim=0)
     shift = float((fusion - constant).abs().max())
@@ -168,7 +126,7 @@ def fold_routing(model: AnomalyMoE, images_bgr: torch.Tensor, min_agreement: flo
     routing = weights[agreeing].mean(dim=0)
     folded = FoldedDetector(model, kept, constant[kept], routing).eval()
     report = FoldingReport(
-        images=len(selected_sets),
+        images=len(sets),
         histogram=histogram,
         agreement=agreement,
         min_agreement=min_agreement,

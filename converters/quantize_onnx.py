@@ -8,6 +8,7 @@ TensorRT: signed symmetric activations and weights (TensorRT requires zero point
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,7 @@ from amoe_sdk.converters.graph import INPUT_NAME
 from amoe_sdk.converters.quantize_common import GateMetrics, float_nodes, gate_metrics, quantizable_groups
 from amoe_sdk.runtimes.preprocess import pad_batch
 
+LOG = logging.getLogger("amoe_sdk.converters")
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 
 
@@ -79,6 +81,16 @@ def quantize_qdq(
     )
 
 
+def rank_by_damage(groups: list[str], attempt: Callable[[list[str], str], GateMetrics], reference: GateMetrics) -> list[str]:
+    """The layer groups, most damaging first: each quantized alone with every other group in float (``attempt``
+    quantizes with the given groups in float), ranked by gate drop, then flipped verdicts, then threshold rise."""
+    damage = {}
+    for group in tqdm(groups, desc="sensitivity", unit="group", leave=False):
+        alone = attempt([g for g in groups if g != group], f"only {group} in INT8")
+        damage[group] = (alone.drop_from(reference), alone.flips_from(reference), alone.threshold_rise(reference))
+    return sorted(groups, key=lambda g: tuple(-d for d in damage[g]))
+
+
 def gated_quantize(
     fp32_path: Path,
     out_path: Path,
@@ -121,9 +133,10 @@ def gated_quantize(
             "pixel_auroc": metrics.pixel_auroc, "drop": metrics.drop_from(reference), "verdict_flips": metrics.flips_from(reference),
             "threshold_rise": metrics.threshold_rise(reference),
         })
-        tqdm.write(
-            f"INT8 try '{label}': image AUROC {metrics.image_auroc:.4f} (FP32 {reference.image_auroc:.4f}), "
-            f"pixel AUROC {metrics.pixel_auroc:.4f} (FP32 {reference.pixel_auroc:.4f}), {metrics.flips_from(reference)} verdict(s) flipped, threshold x{metrics.threshold_rise(reference):.2f}"
+        LOG.info(
+            "INT8 try '%s': image AUROC %.4f (FP32 %.4f), pixel AUROC %.4f (FP32 %.4f), %d verdict(s) flipped, threshold x%.2f",
+            label, metrics.image_auroc, reference.image_auroc, metrics.pixel_auroc, reference.pixel_auroc,
+            metrics.flips_from(reference), metrics.threshold_rise(reference),
         )
         return metrics
 
@@ -131,12 +144,7 @@ def gated_quantize(
         metrics = attempt([], "all quantizable layers in INT8")
         if metrics.passes(reference, max_drop, max_threshold_rise):
             return QuantizeResult(reference, metrics, [], excluded([]), True, tries)
-        damage = {}
-        for group in tqdm(list(groups), desc="sensitivity", unit="group", leave=False):
-            others = [g for g in groups if g != group]
-            alone = attempt(others, f"only {group} in INT8")
-            damage[group] = (alone.drop_from(reference), alone.flips_from(reference), alone.threshold_rise(reference))
-        ranked = sorted(groups, key=lambda g: tuple(-d for d in damage[g]))
+        ranked = rank_by_damage(list(groups), attempt, reference)
         kept: list[str] = []
         for group in ranked:
             kept.append(group)

@@ -9,6 +9,7 @@ which clip feature values that only anomalies reach. Both pinned every anomalous
 
 from __future__ import annotations
 
+import logging
 import re
 
 import nncf
@@ -26,6 +27,7 @@ from amoe_sdk.converters.quantize_common import (
 from amoe_sdk.errors import ConversionError
 from amoe_sdk.evaluation.metrics import auroc
 
+LOG = logging.getLogger("amoe_sdk.converters")
 # The ops whose weights NNCF quantizes: what "in float" is counted over.
 WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul")
 # Absolute min/max over the calibration set (NNCF's default averages each image's extremes).
@@ -111,40 +113,49 @@ def quantize_openvino(
         final = gate_metrics(compiled_infer(quantized), gate, batch_size, sigma)
         if final.passes(reference, max_drop, max_threshold_rise) or not remaining:
             break
-        print(f"OpenVINO INT8 with {len(kept)} group(s) in float misses the gate (threshold x{final.threshold_rise(reference):.2f}); "
-              f"{remaining[0]} back to float")
+        LOG.info("OpenVINO INT8 with %d group(s) in float misses the gate (threshold x%.2f); %s back to float",
+                 len(kept), final.threshold_rise(reference), remaining[0])
         kept.append(remaining.pop(0))
     if accuracy_control and not final.passes(reference, max_drop, max_threshold_rise):
-        indices = list(range(0, len(gate.frames) - len(gate.frames) % batch_size, batch_size))
-
-        def validate(compiled: ov.CompiledModel, items) -> tuple[float, None]:
-            # The metric is 1 + the worse of the two AUROC differences from FP32: 1.0 for the FP32 model itself,
-            # so NNCF's absolute max_drop bounds the image and the pixel AUROC drop at once.
-            chosen = list(items)
-            outputs = {o.get_any_name(): o for o in compiled.outputs}
-            scores, maps, labels, masks = [], [], [], []
-            for start in chosen:
-                out = compiled({0: gate.frames[start : start + batch_size]})
-                scores.append(np.asarray(out[outputs["score"]]))
-                maps.append(np.asarray(out[outputs["anomaly_map"]])[:, 0])
-                labels.append(gate.labels[start : start + batch_size])
-                masks.append(gate.masks[start : start + batch_size])
-            image = auroc(np.concatenate(labels), np.concatenate(scores))
-            pixel = auroc(np.concatenate(masks), np.concatenate(maps))
-            if len(chosen) != len(indices):  # a subset: compare with itself, not with the full-set reference
-                return float(min(image, pixel)), None
-            return 1.0 + min(image - reference.image_auroc, pixel - reference.pixel_auroc), None
-
-        quantized = nncf.quantize_with_accuracy_control(
-            model, calibration, nncf.Dataset(indices), validate, max_drop=max_drop,
-            drop_type=nncf.DropType.ABSOLUTE, subset_size=usable, ignored_scope=ignored_scope(model, float_groups),
-            advanced_quantization_parameters=ADVANCED,
-        )
-        store_float_weights_fp16(quantized)
+        quantized = accuracy_controlled(model, calibration, usable, gate, batch_size, reference, max_drop, float_groups)
         final = gate_metrics(compiled_infer(quantized), gate, batch_size, sigma)
     check_signal_path_float(quantized)
     floating = float_layers(quantized)
     return quantized, reference, final, floating, groups_in_float(quantized, floating)
+
+
+def accuracy_controlled(
+    model: ov.Model, calibration: nncf.Dataset, subset_size: int, gate: GateSet, batch_size: int,
+    reference: GateMetrics, max_drop: float, float_groups: list[str],
+) -> ov.Model:
+    """NNCF's accuracy-control quantization, with the gate's image and pixel AUROC as its metric."""
+    indices = list(range(0, len(gate.frames) - len(gate.frames) % batch_size, batch_size))
+
+    def validate(compiled: ov.CompiledModel, items) -> tuple[float, None]:
+        # The metric is 1 + the worse of the two AUROC differences from FP32: 1.0 for the FP32 model itself,
+        # so NNCF's absolute max_drop bounds the image and the pixel AUROC drop at once.
+        chosen = list(items)
+        outputs = {o.get_any_name(): o for o in compiled.outputs}
+        scores, maps, labels, masks = [], [], [], []
+        for start in chosen:
+            out = compiled({0: gate.frames[start : start + batch_size]})
+            scores.append(np.asarray(out[outputs["score"]]))
+            maps.append(np.asarray(out[outputs["anomaly_map"]])[:, 0])
+            labels.append(gate.labels[start : start + batch_size])
+            masks.append(gate.masks[start : start + batch_size])
+        image = auroc(np.concatenate(labels), np.concatenate(scores))
+        pixel = auroc(np.concatenate(masks), np.concatenate(maps))
+        if len(chosen) != len(indices):  # a subset: compare with itself, not with the full-set reference
+            return float(min(image, pixel)), None
+        return 1.0 + min(image - reference.image_auroc, pixel - reference.pixel_auroc), None
+
+    quantized = nncf.quantize_with_accuracy_control(
+        model, calibration, nncf.Dataset(indices), validate, max_drop=max_drop,
+        drop_type=nncf.DropType.ABSOLUTE, subset_size=subset_size, ignored_scope=ignored_scope(model, float_groups),
+        advanced_quantization_parameters=ADVANCED,
+    )
+    store_float_weights_fp16(quantized)
+    return quantized
 
 
 def groups_in_float(model: ov.Model, floating: list[str]) -> list[str]:

@@ -21,9 +21,9 @@ from amoe_sdk.data.images import list_images, read_image
 from amoe_sdk.data.layouts import read_dataset
 from amoe_sdk.errors import CheckpointError, ParityError
 from amoe_sdk.evaluation.metrics import auroc
-from amoe_sdk.outputs import atomic_write_text
+from amoe_sdk.outputs import atomic_write_text, sha256_of
 from amoe_sdk.runtimes.backends import create_backend
-from amoe_sdk.runtimes.bundle import REPORT_NAME, Bundle, read_bundle, sha256_of
+from amoe_sdk.runtimes.bundle import REPORT_NAME, Bundle, read_bundle
 from amoe_sdk.runtimes.preprocess import pad_batch, resize_to_input
 
 FP32_MAP_RTOL = 1e-4

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from amoe_sdk.checkpoint import load_detector
 from amoe_sdk.converters.convert import ConvertOptions, convert
-from amoe_sdk.converters.folding import count_cost
+from amoe_sdk.models.routing import count_cost
 from amoe_sdk.data.layouts import read_dataset
 from bench_common import bundle_accuracy, isolated_latency
 

@@ -41,7 +41,7 @@ from amoe_sdk import EdgeDetector
 from amoe_sdk.checkpoint import load_detector, read_checkpoint
 from amoe_sdk.config import load_config
 from amoe_sdk.converters.convert import ConvertOptions, convert
-from amoe_sdk.data.images import read_image, resize_image
+from amoe_sdk.data.images import read_image, resize_to_input
 from amoe_sdk.data.layouts import read_dataset
 from amoe_sdk.evaluation.evaluate import evaluate, score_predictions
 from amoe_sdk.models.encoders import Lite0Encoder
@@ -62,7 +62,7 @@ def rgb_batch(images_bgr: list[np.ndarray]) -> torch.Tensor:
 
 
 def load_resized(paths) -> list[np.ndarray]:
-    return [resize_image(read_image(p), SIZE) for p in paths]
+    return [resize_to_input(read_image(p), SIZE) for p in paths]
 
 
 def load_our_lite0(extractor: torch.nn.Module, probe_bgr: np.ndarray) -> None:

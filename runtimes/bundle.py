@@ -9,26 +9,18 @@ Torch-free: the runtime reads bundles on machines that have only numpy, OpenCV a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from amoe_sdk.errors import BundleError
-from amoe_sdk.runtimes.manifest import SCHEMA_VERSION, BundleManifest, manifest_digest
+from amoe_sdk.outputs import sha256_of
+from amoe_sdk.runtimes.manifest import BundleManifest, manifest_digest, upgrade_to_latest
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "parity_report.json"
 # Written into a bundle folder after conversion, by amoe verify and by the TensorRT backend's engine cache.
 AFTER_CONVERSION = (REPORT_NAME, "engine_cache")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -97,19 +89,9 @@ def read_bundle(root: str | Path) -> Bundle:
         raise BundleError(f"{manifest_path} is not valid JSON ({exc}); the bundle is damaged, convert again") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{manifest_path} holds a JSON {type(data).__name__}, not an object; it is not an amoe-sdk bundle")
-    schema = data.get("schema_version")
-    if not isinstance(schema, int) or isinstance(schema, bool):
-        raise BundleError(f"{manifest_path}: schema_version is missing or not an integer; it is not an amoe-sdk bundle")
-    if schema > SCHEMA_VERSION:
-        raise BundleError(
-            f"bundle {root} has schema {schema}, newer than this SDK reads ({SCHEMA_VERSION}; it was written by "
-            f"amoe-sdk {data.get('sdk_version', '?')}); upgrade amoe-sdk on this machine"
-        )
-    if schema < SCHEMA_VERSION:
-        raise BundleError(
-            f"bundle {root} has schema {schema} (amoe-sdk {data.get('sdk_version', '?')}), which carries no digest of its "
-            f"own manifest, so its threshold and file list cannot be trusted; convert it again with this amoe-sdk"
-        )
+    # The schema first (a newer or unreadable one explains itself better than a digest mismatch would); the digest
+    # is then checked on the manifest as written.
+    latest = upgrade_to_latest(data, f"bundle {root}")
     try:
         expected_digest = manifest_digest(data)
     except ValueError as exc:  # NaN or infinity somewhere: no writer of ours puts them there
@@ -120,7 +102,7 @@ def read_bundle(root: str | Path) -> Bundle:
             "the threshold, pass EdgeDetector(..., threshold=...) or sensitivity= instead of editing the manifest; "
             "otherwise copy the bundle again or convert again"
         )
-    manifest = BundleManifest.parse(data, str(manifest_path))
+    manifest = BundleManifest.parse(latest, str(manifest_path))
     for name, expected in manifest.files.items():
         path = member_path(root, name, "files")
         if not path.is_file():

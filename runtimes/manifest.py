@@ -10,18 +10,26 @@ executes anything from a bundle, whatever it says).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import re
 from dataclasses import MISSING, dataclass, fields
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 from amoe_sdk.errors import BundleError
 from amoe_sdk.typed import from_plain, to_plain
 
 SCHEMA_VERSION = 2
+# Schema N -> N + 1, each a pure function of the manifest's data (in the manner of anomalib's metadata
+# migration). A schema change adds its step here, so bundles already on the lines keep loading.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+# Older schemas no step can bring forward, and why.
+UNREADABLE_SCHEMAS = {
+    1: "carries no digest of its own manifest, so its threshold and file list cannot be trusted",
+}
 TARGETS = ("onnx", "intel", "jetson")
 PRECISIONS = ("fp32", "fp16", "int8")
 ROUTING_MODES = ("dense", "folded")
@@ -204,6 +212,26 @@ def is_member_name(name: str) -> bool:
         return False
     parts = PurePosixPath(name).parts
     return bool(parts) and all(part not in ("", ".", "..") for part in parts)
+
+
+def upgrade_to_latest(data: dict[str, Any], origin: str) -> dict[str, Any]:
+    """A manifest of any readable schema -> the same manifest in schema ``SCHEMA_VERSION`` (a new dict; ``data`` is
+    left as it is). Its digest is checked before, on the schema it was written in. BundleError for a schema that
+    is newer than this SDK or that cannot be brought forward."""
+    schema = data.get("schema_version")
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        raise BundleError(f"{origin}: schema_version is missing or not an integer; it is not an amoe-sdk bundle")
+    written_by = f"amoe-sdk {data.get('sdk_version', '?')}"
+    if schema > SCHEMA_VERSION:
+        raise BundleError(f"{origin} has schema {schema}, newer than this SDK reads ({SCHEMA_VERSION}; it was written by {written_by}); upgrade amoe-sdk on this machine")
+    upgraded = copy.deepcopy(data)
+    while upgraded["schema_version"] < SCHEMA_VERSION:
+        version = upgraded["schema_version"]
+        if version not in MIGRATIONS:
+            reason = UNREADABLE_SCHEMAS.get(version, "has no upgrade path")
+            raise BundleError(f"{origin} has schema {version} ({written_by}), which {reason}; convert it again with this amoe-sdk")
+        upgraded = {**MIGRATIONS[version](upgraded), "schema_version": version + 1}
+    return upgraded
 
 
 def manifest_digest(data: dict[str, Any]) -> str:

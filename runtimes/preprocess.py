@@ -1,7 +1,8 @@
-"""Frame checks, the resize to the bundle's input size, and the map back to the frame's size.
+"""Frame checks, the resize to the bundle's input size, batch padding, and the map back to the frame's size.
 
-Training, evaluation and every backend resize with this module, so the pixels the exported graph sees are the
-pixels the PyTorch model was trained and calibrated on (the graph itself does colour order and normalisation).
+The resize is ``amoe_sdk.data.images.resize_to_input`` (the lower layer), re-exported here, so that the pixels
+the exported graph sees are the pixels the PyTorch model was trained and calibrated on (the graph itself does
+colour order and normalisation).
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from amoe_sdk.data.images import resize_to_input
 from amoe_sdk.errors import InputError
+
+__all__ = ["check_frame", "heat_map_overlay", "map_to_frame", "pad_batch", "resize_to_input"]
 
 
 def check_frame(image: object, where: str = "frame") -> np.ndarray:
@@ -29,13 +33,6 @@ def check_frame(image: object, where: str = "frame") -> np.ndarray:
             "cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) and BGRA with cv2.COLOR_BGRA2BGR"
         )
     return image
-
-
-def resize_to_input(image: np.ndarray, size: int) -> np.ndarray:
-    """H x W x 3 uint8 -> size x size x 3 uint8, bilinear (OpenCV); a frame of that size is passed through."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def pad_batch(frames, batch_size: int) -> np.ndarray:

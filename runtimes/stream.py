@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from amoe_sdk.runtimes.detector import DetectionResult, EdgeDetector
 
 POLICIES = ("latest", "every")
-LOG = logging.getLogger("amoe_sdk.stream")
+LOG = logging.getLogger("amoe_sdk.runtimes")
 _END = object()
 
 

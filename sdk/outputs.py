@@ -2,11 +2,13 @@
 
 Every verb checks its outputs first (a training run must not find out after 20 minutes that ``--out`` is a
 file), refuses to write into a folder that holds someone else's files, and writes files through a temporary name
-and a rename, so an interruption never leaves a truncated file where a good one was.
+and a rename, so an interruption never leaves a truncated file where a good one was. ``sha256_of`` is the digest
+a bundle's manifest and a student's teacher record pin their files with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +20,14 @@ from amoe_sdk.errors import UsageError
 
 # A temporary folder of ours carries this file: only folders holding it are ever removed as stale.
 WRITER_MARKER = ".amoe-writer.json"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_output_file(path: Path, flag: str) -> None:

@@ -1,12 +1,14 @@
 """How a command ends: one message and a distinct exit code for SDK errors, 130 for Ctrl-C, 143 for SIGTERM.
 
-Both console scripts (``amoe`` and ``amoe-convert``) run their verbs through ``run_command``. SIGTERM (what
+Both console scripts (``amoe`` and ``amoe-convert``) run their verbs through ``run_command``, which also shows
+the SDK's log records (one ``logging`` logger per package, under ``amoe_sdk``) on stderr. SIGTERM (what
 ``kill``, systemd and Docker send) is turned into an exception in the main thread, so the same clean-up that
 Ctrl-C gets runs: ``with`` blocks close, half-written bundles and checkpoints are removed.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -43,9 +45,38 @@ def raise_if_signalled() -> None:
         raise Terminated()
 
 
+class ReportHandler(logging.Handler):
+    """A log record as one line on stderr (``warning: ...`` from WARNING up), written through ``tqdm.write`` where
+    tqdm is installed so that a progress bar on the terminal stays whole."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            if record.levelno >= logging.WARNING:
+                line = f"{record.levelname.lower()}: {line}"
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the torch-free base install has no tqdm
+                print(line, file=sys.stderr)
+            else:
+                tqdm.write(line, file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
+def show_reports() -> None:
+    """Show the SDK's INFO and WARNING records on stderr, once per process (a library user configures logging
+    themselves; the console commands do it here)."""
+    logger = logging.getLogger("amoe_sdk")
+    if not any(isinstance(h, ReportHandler) for h in logger.handlers):
+        logger.addHandler(ReportHandler())
+    logger.setLevel(logging.INFO)
+
+
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run ``command`` and turn how it ended into an exit code, with one line on stderr instead of a traceback."""
     global _received
+    show_reports()
     in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:

@@ -1,5 +1,7 @@
 """Calibration data, pseudo-anomalies and the TensorRT calibration cache."""
 
+import logging
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -10,13 +12,25 @@ from amoe_sdk.calibration.tensorrt_cache import read_tensorrt_cache, tensorrt_ve
 from amoe_sdk.errors import DataError
 
 
-def test_empty_calibration_folder_is_an_error_and_few_images_a_warning(tmp_path, sample_root):
+def test_empty_calibration_folder_is_an_error_and_few_images_a_warning(tmp_path, sample_root, caplog):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="no calibration images.*never random"):
         normal_image_paths(empty)
-    with pytest.warns(UserWarning, match="only 16 calibration images"):
+    with caplog.at_level(logging.WARNING, logger="amoe_sdk.calibration"):
         assert len(normal_image_paths(sample_root / "weave")) == 16  # an MVTec category means its train/good
+    warned = [r for r in caplog.records if r.name == "amoe_sdk.calibration" and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "only 16 calibration images" in warned[0].getMessage()
+
+
+def test_the_commands_show_the_sdk_log_on_stderr_once(capsys):
+    from amoe_sdk.process import run_command
+
+    log = logging.getLogger("amoe_sdk.converters")
+    for _ in range(2):  # a second command in the same process must not add a second handler
+        assert run_command("amoe test", lambda: (log.info("calibrating on 8 images"), log.warning("few images"), 0)[-1]) == 0
+    err = capsys.readouterr().err
+    assert err.count("calibrating on 8 images") == 2 and err.count("warning: few images") == 2
 
 
 def test_pseudo_anomalies_change_the_image_inside_their_masks_only():

@@ -44,20 +44,20 @@ def test_missing_run_directory(tmp_path):
 
 
 def test_resume_reproduces_an_uninterrupted_run(sample_root, tmp_path, monkeypatch):
-    import amoe_sdk.training.trainer as trainer
+    import amoe_sdk.training.engine as engine  # the run engine writes every checkpoint of train and distill
 
     config = tiny_config(**{"train.steps": 4, "train.checkpoint_every": 2})
     train(sample_root / "weave", tmp_path / "straight", config, show_progress=False)
-    real_save = trainer.atomic_torch_save
+    real_save = engine.atomic_torch_save
 
     def save_then_die(payload, path):
         real_save(payload, path)
         raise KeyboardInterrupt  # the run is killed right after its step-2 checkpoint
 
-    monkeypatch.setattr(trainer, "atomic_torch_save", save_then_die)
+    monkeypatch.setattr(engine, "atomic_torch_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(sample_root / "weave", tmp_path / "resumed", config, show_progress=False)
-    monkeypatch.setattr(trainer, "atomic_torch_save", real_save)
+    monkeypatch.setattr(engine, "atomic_torch_save", real_save)
     assert read_checkpoint(tmp_path / "resumed" / RESUME_NAME)["step"] == 2
     train(sample_root / "weave", tmp_path / "resumed", config, show_progress=False)
     a = read_checkpoint(tmp_path / "straight")["state_dict"]

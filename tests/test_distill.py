@@ -9,7 +9,7 @@ import yaml
 
 from amoe_sdk.checkpoint import load_detector, read_checkpoint
 from amoe_sdk.errors import CheckpointError, ConfigError
-from amoe_sdk.runtimes.bundle import sha256_of
+from amoe_sdk.outputs import sha256_of
 from amoe_sdk.training.distill import LearnedNormalisation, distill
 from amoe_sdk.training.distill_losses import map_matching_loss, normal_reconstruction_loss, score_matching_loss
 from amoe_sdk.training.qat import FakeQuantization, float_state_dict

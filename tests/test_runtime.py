@@ -111,6 +111,45 @@ def test_bundle_from_a_newer_schema_is_refused(bundle_copy):
         read_bundle(bundle_copy)
 
 
+def test_an_older_schema_is_upgraded_by_pure_steps_after_its_own_digest_is_checked(bundle_copy, monkeypatch):
+    from amoe_sdk.runtimes import manifest as manifest_module
+    from amoe_sdk.runtimes.manifest import manifest_digest, upgrade_to_latest
+
+    written = json.loads((bundle_copy / "manifest.json").read_text())
+    # Pretend the current schema is 4, reached from 2 in two steps (a key renamed and back): a schema-2 manifest
+    # must come through both.
+    def rename_device(data):
+        data = {**data, "target_device": data["device"]}
+        del data["device"]
+        return data
+
+    def back_to_device(data):
+        data = {**data, "device": data["target_device"]}
+        del data["target_device"]
+        return data
+
+    monkeypatch.setattr(manifest_module, "SCHEMA_VERSION", 4)
+    monkeypatch.setattr(manifest_module, "MIGRATIONS", {2: rename_device, 3: back_to_device})
+    before = json.dumps(written, sort_keys=True)
+    upgraded = upgrade_to_latest(written, "test")
+    assert upgraded["schema_version"] == 4 and upgraded["device"] == written["device"] and "target_device" not in upgraded
+    assert json.dumps(written, sort_keys=True) == before  # pure: the manifest as read is untouched
+    monkeypatch.setattr(manifest_module, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(manifest_module, "MIGRATIONS", {2: back_to_device})
+    with pytest.raises(KeyError):
+        upgrade_to_latest(written, "test")  # a step's own failure is not hidden
+    monkeypatch.setattr(manifest_module, "MIGRATIONS", {})
+    with pytest.raises(BundleError, match="schema 2.*no upgrade path"):
+        read_bundle(bundle_copy)
+    monkeypatch.undo()
+    # Schema 1 carried no manifest digest: refused with the reason, even with a digest made up for it.
+    old = {**written, "schema_version": 1}
+    old["manifest_sha256"] = manifest_digest(old)
+    (bundle_copy / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(BundleError, match="schema 1 .*no digest of its own manifest.*convert it again"):
+        read_bundle(bundle_copy)
+
+
 def test_failed_conversion_leaves_the_old_bundle_whole(tiny_run, bundle_copy, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -210,6 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # One declarative table of every verb and option, long by nature: the CLI's reference reads top to bottom.
     parser = argparse.ArgumentParser(
         prog="amoe",
         description="Train and evaluate AnomalyMoE mixture-of-experts anomaly detectors.",

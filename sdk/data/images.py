@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 
 from amoe_sdk.errors import DataError
-from amoe_sdk.runtimes.preprocess import resize_to_input
 
 # The one list of image files every command and the runtime read (OpenCV reads each).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -82,6 +81,12 @@ def read_mask(path: str | Path, expected_shape: tuple[int, int] | None = None, i
     return array > 0
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a BGR image to ``size`` x ``size`` exactly as the edge runtime does."""
-    return resize_to_input(image, size)
+def resize_to_input(image: np.ndarray, size: int) -> np.ndarray:
+    """H x W x 3 uint8 -> size x size x 3 uint8, bilinear (OpenCV); a frame of that size is passed through.
+
+    The one resize: training, calibration, evaluation and every backend use it, so the pixels the exported graph
+    sees are the pixels the PyTorch model was trained and calibrated on.
+    """
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)

@@ -175,6 +175,8 @@ _LABEL = (168, 206)  # top and bottom of the label band
 
 
 def _vial_scene(scene: np.random.Generator, defect_rng: np.random.Generator, defect: str) -> np.ndarray:
+    # One scene drawn back to front, long by nature: every draw's order fixes the seeded renders (and the
+    # results measured on them), so the parts stay where their random draws happen.
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
     canvas = (np.array([70, 52, 40], np.float32) + 25 * (yy / S)[..., None]) + 6 * noise_field(scene, S, 4)[..., None]
     bx0, by0, bx1, by1 = _BODY

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from amoe_sdk.data.images import read_image, read_mask, resize_image
+from amoe_sdk.data.images import read_image, read_mask, resize_to_input
 from amoe_sdk.data.layouts import Dataset
 from amoe_sdk.evaluation.metrics import aupro, auroc, f1_max
 from amoe_sdk.evaluation.overlays import side_by_side, write_png
@@ -42,7 +42,7 @@ def predict(model, samples, batch_size: int = 8, show_progress: bool = True) -> 
     size = model.config.input_size
     scores, maps, images, weights, level_scores, level_maps = [], [], [], [], [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="predict", unit="batch", leave=False, disable=not show_progress):
-        chunk = [resize_image(read_image(s.image_path), size) for s in samples[start : start + batch_size]]
+        chunk = [resize_to_input(read_image(s.image_path), size) for s in samples[start : start + batch_size]]
         batch = torch.from_numpy(np.stack(chunk)).permute(0, 3, 1, 2).float()
         out = model(batch)
         scores.append(out.score.numpy())

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amoe_sdk.data.images import read_image, resize_image
+from amoe_sdk.data.images import read_image, resize_to_input
 from amoe_sdk.errors import DataError
 
 
@@ -15,7 +15,7 @@ def load_images(paths: list[Path], size: int, progress=None) -> torch.Tensor:
     """Read, resize (as the runtime does) and stack: -> uint8 [N, 3, size, size] BGR."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for i, path in enumerate(progress(paths) if progress else paths):
-        out[i] = torch.from_numpy(resize_image(read_image(path), size)).permute(2, 0, 1)
+        out[i] = torch.from_numpy(resize_to_input(read_image(path), size)).permute(2, 0, 1)
     return out
 
 

@@ -11,7 +11,6 @@ validation images stay the teacher's.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,27 +22,24 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from amoe_sdk.calibration.pseudo_anomalies import synthesise
-from amoe_sdk.checkpoint import (
-    FINAL_NAME, RESUME_NAME, atomic_torch_save, load_detector, make_payload, run_state,
-)
-from amoe_sdk.config import DistillConfig
-from amoe_sdk.converters.folding import count_cost
-from amoe_sdk.data.images import resize_image
+from amoe_sdk.checkpoint import load_detector
+from amoe_sdk.config import AmoeConfig, DistillConfig
+from amoe_sdk.data.images import resize_to_input
 from amoe_sdk.data.layouts import read_dataset
 from amoe_sdk.errors import CheckpointError
 from amoe_sdk.evaluation.metrics import auroc
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
-from amoe_sdk.outputs import atomic_write_text
-from amoe_sdk.runtimes.bundle import sha256_of
+from amoe_sdk.models.routing import count_cost
+from amoe_sdk.outputs import sha256_of
 from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.distill_losses import map_matching_loss, normal_reconstruction_loss, score_matching_loss
 from amoe_sdk.training.qat import FakeQuantization, float_state_dict
-from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
+from amoe_sdk.training.engine import RunLoop, StepFunction, find_resumable
+from amoe_sdk.training.resume import check_batch_fits, check_resumable
 from amoe_sdk.training.student import TeacherUsage, load_distill_config, teacher_usage
 from amoe_sdk.training.trainer import (
-    calibrate_after_training, calibrate_normalisation, encode_all, fit_feature_statistics, learning_rate,
-    seed_everything,
+    calibrate_after_training, calibrate_normalisation, encode_all, fit_feature_statistics, seed_everything,
 )
 from amoe_sdk.version import __version__
 
@@ -135,7 +131,7 @@ def _resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.shape[-1] == size:
         return images
     nhwc = images.permute(0, 2, 3, 1).numpy()
-    return torch.from_numpy(np.stack([resize_image(image, size) for image in nhwc])).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack([resize_to_input(image, size) for image in nhwc])).permute(0, 3, 1, 2).contiguous()
 
 
 def _split(dataset_train: list[Path], teacher_payload: dict, config: DistillConfig) -> tuple[list[Path], list[Path]]:
@@ -148,6 +144,14 @@ def _split(dataset_train: list[Path], teacher_payload: dict, config: DistillConf
         return train, val
     tc = config.train
     return split_train_val(dataset_train, tc.val_fraction, tc.min_val_images, tc.seed)
+
+
+def _teacher_record(teacher_file: Path, teacher_hash: str, payload: dict) -> dict:
+    """What a student records of its teacher; a resumed distillation must find the same file (by digest)."""
+    return {
+        "path": str(teacher_file), "sha256": teacher_hash, "sdk_version": payload["sdk_version"],
+        "step": payload["step"], "config": payload["config"],
+    }
 
 
 def _check_same_teacher(saved: dict, path: Path, teacher_file: Path, teacher_hash: str) -> None:
@@ -174,6 +178,9 @@ def distill(
     """Distil the teacher run ``teacher_path`` into a student on the normal images of ``data_root``; writes
     ``out_dir/model.pt`` (an ordinary checkpoint with a ``distillation`` record) and resumes from ``out_dir/last.pt``
     (or a finished run's ``model.pt``). ``flags`` names the command-line option behind each override, for messages."""
+    # Longer than 60 lines on purpose: its order is the order the data live in (teacher targets made and the
+    # teacher's features freed before the student exists; the seed set where the student's draws begin), which
+    # helpers would hide; each self-contained block is already one.
     started = time.time()
     out_dir = Path(out_dir)
     teacher, teacher_payload = load_detector(teacher_path)
@@ -187,133 +194,87 @@ def distill(
     # The split and the routing analysis come first: the student's defaults depend on what the teacher uses.
     train_paths, val_paths = _split(dataset.train, teacher_payload, provisional)
     check_batch_fits(provisional.train.batch_size, train_paths, data_root)
-    resume_from = resume_source(out_dir) if resume else None
-    saved = load_resumable(resume_from) if resume_from is not None else None
+    resume_from, saved = find_resumable(out_dir, resume)
     if saved is not None:  # what can be checked before the teacher runs; the config once it is known
         _check_same_teacher(saved, resume_from, teacher_file, teacher_hash)
-    t_size = teacher.config.input_size
-    t_normals = load_images(train_paths, t_size, _progress("read train"))
+    t_normals = load_images(train_paths, teacher.config.input_size, _progress("read train"))
     normal_targets, t_features = teacher_pass(teacher, t_normals, desc="teacher on normals")
     usage = teacher_usage(teacher, t_features, provisional.data.min_expert_weight)
     config = load_distill_config(teacher.config, usage, student_yaml, overrides, flags)
     if saved is not None:
         check_resumable(saved, saved["distillation"]["config"], config.to_dict(), train_paths, val_paths, config.train.steps, resume_from)
     del t_features
-    tc = config.train
-    seed_everything(tc.seed)
-
+    seed_everything(config.train.seed)
     s_size = config.model.input_size
     normals = _resize_batch(t_normals, s_size)
     del t_normals
     val_images = load_images(val_paths, s_size, _progress("read val"))
-    pseudo_count = len(normals) * config.data.pseudo_per_image if config.data.anomaly_share > 0 else 0
-    pseudo = torch.empty((0, 3, s_size, s_size), dtype=torch.uint8)
-    pseudo_targets = TeacherTargets(normal_targets.level_maps[:0], normal_targets.scores[:0])
-    if pseudo_count:
-        made, _ = synthesise(normals.permute(0, 2, 3, 1).numpy(), pseudo_count, seed=config.data.seed, kinds=config.data.pseudo_kinds)
-        pseudo = torch.from_numpy(made).permute(0, 3, 1, 2).contiguous()
-        pseudo_targets, _ = teacher_pass(teacher, _resize_batch(pseudo, t_size), desc="teacher on pseudo-anomalies")
+    pseudo, pseudo_targets = _pseudo_anomalies(teacher, normals, normal_targets, config)
 
+    student, training_config, generator, normal_features, val_features, pool = _student_setup(
+        teacher, config, normals, normal_targets, pseudo, pseudo_targets, val_images,
+    )
+    # The learned normalisation starts from the untrained student's own quantiles on the normal training images.
+    calibrate_normalisation(student, normal_features, normals, training_config)
+    normaliser = LearnedNormalisation(student.map_low, student.map_high)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": student.trainable_parameters(), "weight_decay": config.train.weight_decay},
+            {"params": list(normaliser.parameters()), "weight_decay": 0.0},  # the normalisation is not a weight
+        ],
+        lr=config.train.lr,
+    )
+    quantization = FakeQuantization(list(student.patch_experts) + list(student.component_experts) + list(student.global_experts))
+    record = {"teacher": _teacher_record(teacher_file, teacher_hash, teacher_payload), "config": config.to_dict(), "teacher_usage": usage.to_dict()}
+    run = RunLoop(
+        out_dir, student, training_config, optimizer, generator, (train_paths, val_paths, data_root),
+        {"normaliser": normaliser}, "distill", show_progress, checkpoint_extra={"distillation": record},
+        weights=lambda: float_state_dict(student),
+    )
+    run.restore(saved)
+    step = distillation_step(student, normaliser, config, pool, generator, optimizer, quantization)
+    losses = run.run(step, postfix={"map": ".4f", "score": ".4f", "rec": ".4f"})
+    quantization.disable()
+
+    calibration, fidelity = _calibrate_student(teacher, student, normaliser, normal_features, val_features, normals, val_images, config)
+    cost = _cost(teacher, student)
+    final_record = {"distillation": {**record, "cost": cost, "fidelity": fidelity}}
+    final = run.finish({"calibration": calibration, "train_seconds": time.time() - started}, final_record)
+    config.save_yaml(out_dir / "distill.yaml")
+    return DistillResult(final, config.train.steps, time.time() - started, cost["teacher_gflops"], cost["student_gflops"], fidelity, losses)
+
+
+def _student_setup(
+    teacher: AnomalyMoE, config: DistillConfig, normals: torch.Tensor, normal_targets: TeacherTargets,
+    pseudo: torch.Tensor, pseudo_targets: TeacherTargets, val_images: torch.Tensor,
+) -> tuple[AnomalyMoE, AmoeConfig, torch.Generator, EncoderFeatures, EncoderFeatures, "DistillBatches"]:
+    """The untrained student with the teacher's level shares and its own feature statistics, its cached encoder
+    features (normal training, validation) and its training pool."""
     student = AnomalyMoE(config.model)
     # The teacher's measured level shares, over the levels the student has: their fused maps are made alike.
     shares = teacher.level_weights * (student.level_matrix.sum(dim=1) > 0)
     student.level_weights.copy_(shares / shares.sum().clamp_min(1e-12))
     normal_features = encode_all(student, normals, desc="student encode train")
-    pseudo_features = encode_all(student, pseudo, desc="student encode pseudo") if pseudo_count else None
+    pseudo_features = encode_all(student, pseudo, desc="student encode pseudo") if len(pseudo) else None
     val_features = encode_all(student, val_images, desc="student encode val")
-    generator = torch.Generator().manual_seed(tc.seed)
+    generator = torch.Generator().manual_seed(config.train.seed)
     training_config = config.as_training_config()
     fit_feature_statistics(student, normal_features, training_config, generator)
-    all_images = torch.cat([normals, pseudo])
-    all_features = normal_features if pseudo_features is None else EncoderFeatures.concat([normal_features, pseudo_features])
-    targets = TeacherTargets(
-        torch.cat([normal_targets.level_maps, pseudo_targets.level_maps]), torch.cat([normal_targets.scores, pseudo_targets.scores]),
+    pool = DistillBatches(
+        torch.cat([normals, pseudo]),
+        normal_features if pseudo_features is None else EncoderFeatures.concat([normal_features, pseudo_features]),
+        TeacherTargets(torch.cat([normal_targets.level_maps, pseudo_targets.level_maps]), torch.cat([normal_targets.scores, pseudo_targets.scores])),
+        len(normals), len(pseudo),
     )
-    # The learned normalisation starts from the untrained student's own quantiles on the normal training images.
-    calibrate_normalisation(student, normal_features, normals, training_config)
-    normaliser = LearnedNormalisation(student.map_low, student.map_high)
+    return student, training_config, generator, normal_features, val_features, pool
 
-    level_of_expert = torch.tensor([LEVELS.index(level) for level in student.expert_levels])
-    level_scales = torch.tensor([1.0, config.loss.component_scale, config.loss.global_scale])[level_of_expert]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": student.trainable_parameters(), "weight_decay": tc.weight_decay},
-            {"params": list(normaliser.parameters()), "weight_decay": 0.0},
-        ],
-        lr=tc.lr,
-    )
-    quantization = FakeQuantization(list(student.patch_experts) + list(student.component_experts) + list(student.global_experts))
-    qat_start = int(round(tc.steps * (1.0 - config.qat.fraction))) if config.qat.enabled else None
-    teacher_record = {
-        "path": str(teacher_file), "sha256": teacher_hash, "sdk_version": teacher_payload["sdk_version"],
-        "step": teacher_payload["step"], "config": teacher_payload["config"],
-    }
 
-    start_step, history = 0, []
-    resume_path = out_dir / RESUME_NAME
-    if saved is not None:
-        student.load_state_dict(saved["state_dict"])
-        normaliser.load_state_dict(saved["normaliser"])
-        optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator_state"])
-        torch.set_rng_state(saved["torch_rng_state"])
-        start_step, history = saved["step"], saved["history"]
-
-    def distillation_record(extra: dict | None = None) -> dict:
-        return {"teacher": teacher_record, "config": config.to_dict(), "teacher_usage": usage.to_dict(), **(extra or {})}
-
-    def save(path: Path, step: int, extra: dict | None = None, record: dict | None = None) -> None:
-        payload = make_payload(student, training_config, step, {
-            "optimizer": optimizer.state_dict(),
-            "normaliser": normaliser.state_dict(),
-            **run_state(generator, history, train_paths, val_paths, data_root),
-            "distillation": record or distillation_record(),
-            **(extra or {}),
-        })
-        payload["state_dict"] = float_state_dict(student)
-        atomic_torch_save(payload, path)
-
-    n_normal, n_pseudo = len(normals), len(pseudo)
-    n_anomalous = int(round(tc.batch_size * config.data.anomaly_share)) if n_pseudo else 0
-    batch_is_normal = torch.arange(tc.batch_size) < tc.batch_size - n_anomalous
-    level_weights = student.level_weights
-    loop_started = time.time()
-    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
-    losses: dict[str, float] = {}
-    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="distill", unit="step", disable=not show_progress)
-    for step in bar:
-        if qat_start is not None and step >= qat_start:
-            quantization.enable()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, training_config)
-        normal_rows = torch.randint(n_normal, (tc.batch_size - n_anomalous,), generator=generator)
-        pseudo_rows = n_normal + torch.randint(max(n_pseudo, 1), (n_anomalous,), generator=generator)
-        rows = torch.cat([normal_rows, pseudo_rows])
-        batch_features, batch_images = all_features.select(rows), all_images[rows]
-        # Two passes: the reconstruction objective in training mode (the patch experts' noisy bottleneck is what
-        # keeps them from copying their input), the maps in inference mode, as they will be made at deployment.
-        student.train()
-        _, _, outputs = student.run_experts(batch_features, batch_images.float(), with_loss=True)
-        expert_losses = torch.stack([o.loss for o in outputs], dim=1)  # [B, E]
-        student.eval()
-        level_maps, scores = routed_outputs(student, normaliser, batch_features, batch_images)
-        map_loss = map_matching_loss(level_maps, targets.level_maps[rows], level_weights)
-        score_loss = score_matching_loss(scores, targets.scores[rows])
-        rec_loss = normal_reconstruction_loss(expert_losses, batch_is_normal, level_scales)
-        lc = config.loss
-        total = lc.map_weight * map_loss + lc.score_weight * score_loss + lc.reconstruction_weight * rec_loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(student.trainable_parameters() + list(normaliser.parameters()), tc.grad_clip)
-        optimizer.step()
-        losses = {"total": total.item(), "map": map_loss.item(), "score": score_loss.item(), "rec": rec_loss.item(), "qat": float(quantization.enabled)}
-        history.append({"step": step + 1, **losses, "elapsed_s": elapsed_before + time.time() - loop_started})
-        bar.set_postfix(map=f"{losses['map']:.4f}", score=f"{losses['score']:.4f}", rec=f"{losses['rec']:.4f}")
-        if (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
-            save(resume_path, step + 1)
-    bar.close()
-    quantization.disable()
-
+def _calibrate_student(
+    teacher: AnomalyMoE, student: AnomalyMoE, normaliser: LearnedNormalisation, normal_features: EncoderFeatures,
+    val_features: EncoderFeatures, normals: torch.Tensor, val_images: torch.Tensor, config: DistillConfig,
+) -> tuple[dict, dict[str, float]]:
+    """The distilled student's calibration record and its fidelity to the teacher (``map_error`` and
+    ``score_error`` as distilled, the rest as calibrated)."""
     student.eval()
     low, high = normaliser.bounds()
     student.map_low.copy_(low)
@@ -323,25 +284,88 @@ def distill(
     # 0.811 against the teacher's 0.995 / 0.972; with its own whitening and normalisation, 0.961 / 0.963; with
     # its own level shares too, 0.978 / 0.959. Its patch experts' residual holds what their narrow
     # reconstruction misses.
-    calibration = calibrate_after_training(student, normal_features, val_features, normals, val_images, training_config)
+    calibration = calibrate_after_training(student, normal_features, val_features, normals, val_images, config.as_training_config())
     fidelity = {
         **measure_fidelity(teacher, student, val_images, config.data.seed, config.data.pseudo_kinds),
         "map_error": as_distilled["map_error"], "score_error": as_distilled["score_error"],
     }
-    teacher_params, teacher_gflops = count_cost(teacher, t_size)
-    student_params, student_gflops = count_cost(student, s_size)
-    cost = {
+    return calibration, fidelity
+
+
+def _pseudo_anomalies(teacher: AnomalyMoE, normals: torch.Tensor, normal_targets: TeacherTargets, config: DistillConfig) -> tuple[torch.Tensor, TeacherTargets]:
+    """``data.pseudo_per_image`` pseudo-anomalies per normal image (uint8 [N, 3, s, s] at the student's size) and
+    the teacher's targets on them; none when ``data.anomaly_share`` is 0."""
+    size = normals.shape[-1]
+    count = len(normals) * config.data.pseudo_per_image if config.data.anomaly_share > 0 else 0
+    if not count:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8), TeacherTargets(normal_targets.level_maps[:0], normal_targets.scores[:0])
+    made, _ = synthesise(normals.permute(0, 2, 3, 1).numpy(), count, seed=config.data.seed, kinds=config.data.pseudo_kinds)
+    pseudo = torch.from_numpy(made).permute(0, 3, 1, 2).contiguous()
+    targets, _ = teacher_pass(teacher, _resize_batch(pseudo, teacher.config.input_size), desc="teacher on pseudo-anomalies")
+    return pseudo, targets
+
+
+@dataclass
+class DistillBatches:
+    """The student's training pool: normal images first, then pseudo-anomalies (uint8 [N + P, 3, s, s]), their
+    cached student encoder features and the teacher's targets on each."""
+
+    images: torch.Tensor
+    features: EncoderFeatures
+    targets: TeacherTargets
+    normal: int
+    pseudo: int
+
+
+def distillation_step(
+    student: AnomalyMoE, normaliser: LearnedNormalisation, config: DistillConfig, pool: DistillBatches,
+    generator: torch.Generator, optimizer: torch.optim.Optimizer, quantization: FakeQuantization,
+) -> StepFunction:
+    """One distillation step: a batch mixing normals and a ``data.anomaly_share`` of pseudo-anomalies; the
+    student's routed level maps and scores matched to the teacher's, and its reconstruction on the normals kept.
+    Fake quantization switches on for the last ``qat.fraction`` of the steps."""
+    tc, lc = config.train, config.loss
+    qat_start = int(round(tc.steps * (1.0 - config.qat.fraction))) if config.qat.enabled else None
+    level_of_expert = torch.tensor([LEVELS.index(level) for level in student.expert_levels])
+    level_scales = torch.tensor([1.0, lc.component_scale, lc.global_scale])[level_of_expert]
+    n_anomalous = int(round(tc.batch_size * config.data.anomaly_share)) if pool.pseudo else 0
+    batch_is_normal = torch.arange(tc.batch_size) < tc.batch_size - n_anomalous
+    parameters = student.trainable_parameters() + list(normaliser.parameters())
+
+    def step(index: int) -> dict[str, float]:
+        if qat_start is not None and index >= qat_start:
+            quantization.enable()
+        normal_rows = torch.randint(pool.normal, (tc.batch_size - n_anomalous,), generator=generator)
+        pseudo_rows = pool.normal + torch.randint(max(pool.pseudo, 1), (n_anomalous,), generator=generator)
+        rows = torch.cat([normal_rows, pseudo_rows])
+        batch_features, batch_images = pool.features.select(rows), pool.images[rows]
+        # Two passes: the reconstruction objective in training mode (the patch experts' noisy bottleneck is what
+        # keeps them from copying their input), the maps in inference mode, as they will be made at deployment.
+        student.train()
+        _, _, outputs = student.run_experts(batch_features, batch_images.float(), with_loss=True)
+        expert_losses = torch.stack([o.loss for o in outputs], dim=1)  # [B, E]
+        student.eval()
+        level_maps, scores = routed_outputs(student, normaliser, batch_features, batch_images)
+        map_loss = map_matching_loss(level_maps, pool.targets.level_maps[rows], student.level_weights)
+        score_loss = score_matching_loss(scores, pool.targets.scores[rows])
+        rec_loss = normal_reconstruction_loss(expert_losses, batch_is_normal, level_scales)
+        total = lc.map_weight * map_loss + lc.score_weight * score_loss + lc.reconstruction_weight * rec_loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, tc.grad_clip)
+        optimizer.step()
+        return {"total": total.item(), "map": map_loss.item(), "score": score_loss.item(), "rec": rec_loss.item(), "qat": float(quantization.enabled)}
+
+    return step
+
+
+def _cost(teacher: AnomalyMoE, student: AnomalyMoE) -> dict[str, float]:
+    teacher_params, teacher_gflops = count_cost(teacher, teacher.config.input_size)
+    student_params, student_gflops = count_cost(student, student.config.input_size)
+    return {
         "teacher_params": teacher_params, "teacher_gflops": teacher_gflops,
         "student_params": student_params, "student_gflops": student_gflops, "flops_ratio": student_gflops / teacher_gflops,
     }
-    record = distillation_record({"cost": cost, "fidelity": fidelity})
-    final = out_dir / FINAL_NAME
-    save(final, tc.steps, {"calibration": calibration, "train_seconds": time.time() - started}, record)
-    save(resume_path, tc.steps, record=record)
-    training_config.save_yaml(out_dir / "config.yaml")
-    config.save_yaml(out_dir / "distill.yaml")
-    atomic_write_text(out_dir / "history.json", json.dumps(history))
-    return DistillResult(final, tc.steps, time.time() - started, teacher_gflops, student_gflops, fidelity, losses)
 
 
 @torch.no_grad()

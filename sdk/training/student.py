@@ -22,6 +22,7 @@ from amoe_sdk.config import (
 from amoe_sdk.errors import ConfigError
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
+from amoe_sdk.models.routing import expert_names, selected_sets, set_histogram
 
 # Stage 3 of Lite0 (80 channels at stride 16) is the last tap: stages 4-6 cost a third of the encoder and the
 # student has no router that would need the descriptor at the end of stage 6.
@@ -44,8 +45,6 @@ class TeacherUsage:
     @classmethod
     def everything(cls, teacher: AnomalyMoE) -> "TeacherUsage":
         """Every expert counted as used: for checking a student config before the routing is measured."""
-        from amoe_sdk.converters.folding import expert_names
-
         names = expert_names(teacher)
         used = {level: [n for n, lvl in zip(names, teacher.expert_levels) if lvl == level] for level in LEVELS}
         return cls(names, [1.0] * len(names), used, [])
@@ -57,16 +56,11 @@ class TeacherUsage:
 @torch.no_grad()
 def teacher_usage(teacher: AnomalyMoE, features: EncoderFeatures, min_weight: float) -> TeacherUsage:
     """The folding analysis of the teacher on encoder features of normal images ([N, ...] cached features)."""
-    from collections import Counter
-
-    from amoe_sdk.converters.folding import expert_names
-
     names = expert_names(teacher)
     logits, weights = teacher.route(features.descriptor, len(features.taps))
     mean_weight = teacher.fusion_weights(logits, weights).mean(dim=0)  # [E]
     used = {level: [names[e] for e, lvl in enumerate(teacher.expert_levels) if lvl == level and mean_weight[e] >= min_weight] for level in LEVELS}
-    sets = Counter(tuple(names[e] for e in torch.nonzero(row > 0).flatten().tolist()) for row in weights)
-    expert_sets = [{"experts": list(s), "share": n / len(weights)} for s, n in sets.most_common()]
+    expert_sets = [{"experts": row["experts"], "share": row["share"]} for row in set_histogram(selected_sets(weights), names)]
     return TeacherUsage(names, mean_weight.tolist(), used, expert_sets)
 
 

@@ -6,8 +6,6 @@ each step then costs only the experts and the router.
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -17,18 +15,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from amoe_sdk.checkpoint import FINAL_NAME, RESUME_NAME, atomic_torch_save, make_payload, run_state
 from amoe_sdk.config import AmoeConfig
 from amoe_sdk.data.layouts import read_dataset
-from amoe_sdk.outputs import atomic_write_text
 from amoe_sdk.models.components import kmeans
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
+from amoe_sdk.models.routing import selection_summary
 from amoe_sdk.training.composition import fit_composition
 from amoe_sdk.training.data import load_images, split_train_val
+from amoe_sdk.training.engine import RunLoop, StepFunction, find_resumable
 from amoe_sdk.training.fusion import calibrate_level_weights, pseudo_anomaly_sets
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
-from amoe_sdk.training.resume import check_batch_fits, check_resumable, load_resumable, resume_source
+from amoe_sdk.training.resume import check_batch_fits, check_resumable
 from amoe_sdk.training.whitening import choose_colour, choose_memory, choose_whitening, fit_residual_statistics
 
 
@@ -151,13 +149,60 @@ def calibrate_after_training(
     return calibration
 
 
-def learning_rate(step: int, config: AmoeConfig) -> float:
-    """Linear warm-up then cosine decay to 1 % of the peak."""
-    t = config.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def eir_estimators(model: AnomalyMoE, config: AmoeConfig) -> torch.nn.ModuleDict:
+    """One CLUB estimator per level with at least two experts: Expert Information Repulsion needs a pair."""
+    dims = {"patch": config.model.patch.embed_dim, "component": config.model.component.code_dim, "global": config.model.global_.code_dim}
+    estimators = torch.nn.ModuleDict()
+    for level, experts in (("patch", model.patch_experts), ("component", model.component_experts), ("global", model.global_experts)):
+        if len(experts) >= 2:
+            estimators[level] = ClubEstimator(dims[level])
+    return estimators
+
+
+def training_step(
+    model: AnomalyMoE, config: AmoeConfig, features: EncoderFeatures, images: torch.Tensor, generator: torch.Generator,
+    optimizer: torch.optim.Optimizer, estimators: torch.nn.ModuleDict, estimator_optimizer: torch.optim.Optimizer | None,
+) -> StepFunction:
+    """The AnomalyMoE step on cached encoder features of uint8 ``images`` [N, 3, S, S]: routed reconstruction, the
+    router's own reconstruction term, Expert Information Repulsion (CLUB, alternating with its estimators) and
+    Expert Selection Balancing."""
+    level_of_expert = torch.tensor([LEVELS.index(level) for level in model.expert_levels])
+    level_scales = torch.tensor([1.0, config.loss.component_scale, config.loss.global_scale])[level_of_expert]
+    expert_index = {level: [e for e, l in enumerate(model.expert_levels) if l == level] for level in LEVELS}
+    lc = config.loss
+
+    def step(_: int) -> dict[str, float]:
+        batch = torch.randint(len(images), (config.train.batch_size,), generator=generator)
+        logits, weights, outputs = model.run_experts(
+            features.select(batch), images[batch].float(), with_loss=True,
+            easy_fraction=lc.hard_mining_easy_fraction, easy_scale=lc.hard_mining_easy_scale,
+        )
+        expert_losses = torch.stack([o.loss for o in outputs], dim=1)  # [B, E]
+        rec, router_rec = routed_reconstruction(expert_losses, weights, level_scales, level_of_expert)
+        esb, esb_parts = expert_selection_balancing(logits, weights, lc.capacity_weight, lc.z_weight)
+        eir = torch.zeros(())
+        pairs = []
+        for level, estimator in estimators.items():
+            i, j = torch.randperm(len(expert_index[level]), generator=generator)[:2].tolist()
+            # Unit-normalised: on raw representations the experts could drive the bound down by scaling them up.
+            x = torch.nn.functional.normalize(outputs[expert_index[level][i]].representation, dim=1)
+            y = torch.nn.functional.normalize(outputs[expert_index[level][j]].representation, dim=1)
+            eir = eir + estimator.upper_bound(x, y)
+            pairs.append((estimator, x.detach(), y.detach()))
+        total = rec + lc.router_weight * router_rec + lc.eir_weight * eir + lc.esb_weight * esb
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), config.train.grad_clip)
+        optimizer.step()
+        if estimator_optimizer is not None:
+            # CLUB alternation: the estimator maximises log q(y|x) on detached representations.
+            estimator_optimizer.zero_grad(set_to_none=True)
+            (-sum(est.log_likelihood(x, y) for est, x, y in pairs)).backward()
+            estimator_optimizer.step()
+        per_level = {f"rec_{level}": expert_losses[:, idx].mean().item() for level, idx in expert_index.items() if idx}
+        return {"total": total.item(), "rec": rec.item(), "router": router_rec.item(), "eir": eir.item(), "esb": esb.item(), **per_level, **esb_parts}
+
+    return step
 
 
 def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume: bool = True, show_progress: bool = True) -> TrainResult:
@@ -170,8 +215,7 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
     train_paths, val_paths = split_train_val(dataset.train, tc.val_fraction, tc.min_val_images, tc.seed)
     check_batch_fits(tc.batch_size, train_paths, data_root)
     # A run folder is resumed only for the same setup on the same images: checked before any image is read.
-    resume_from = resume_source(out_dir) if resume else None
-    saved = load_resumable(resume_from) if resume_from is not None else None
+    resume_from, saved = find_resumable(out_dir, resume)
     if saved is not None:
         check_resumable(saved, saved["config"], config.to_dict(), train_paths, val_paths, tc.steps, resume_from)
     size = config.model.input_size
@@ -184,107 +228,20 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
     generator = torch.Generator().manual_seed(tc.seed)
     fit_feature_statistics(model, train_features, config, generator)
 
-    level_of_expert = torch.tensor([LEVELS.index(level) for level in model.expert_levels])
-    scale_by_level = torch.tensor([1.0, config.loss.component_scale, config.loss.global_scale])
-    level_scales = scale_by_level[level_of_expert]
-    estimators = torch.nn.ModuleDict()
-    for level, experts in (("patch", model.patch_experts), ("component", model.component_experts), ("global", model.global_experts)):
-        if len(experts) >= 2:
-            dim = {"patch": config.model.patch.embed_dim, "component": config.model.component.code_dim, "global": config.model.global_.code_dim}[level]
-            estimators[level] = ClubEstimator(dim)
+    estimators = eir_estimators(model, config)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     estimator_optimizer = torch.optim.Adam(estimators.parameters(), lr=tc.estimator_lr) if len(estimators) else None
-
-    start_step = 0
-    history: list[dict[str, float]] = []
-    resume_path = out_dir / RESUME_NAME
-    if saved is not None:
-        model.load_state_dict(saved["state_dict"])
-        optimizer.load_state_dict(saved["optimizer"])
-        estimators.load_state_dict(saved["estimators"])
-        if estimator_optimizer is not None:
-            estimator_optimizer.load_state_dict(saved["estimator_optimizer"])
-        generator.set_state(saved["generator_state"])
-        torch.set_rng_state(saved["torch_rng_state"])
-        start_step, history = saved["step"], saved["history"]
-
-    expert_index = {level: [e for e, l in enumerate(model.expert_levels) if l == level] for level in LEVELS}
-    elapsed_before = history[-1]["elapsed_s"] if history else 0.0
-    loop_started = time.time()
-
-    def save(path: Path, step: int, extra: dict | None = None) -> None:
-        atomic_torch_save(
-            make_payload(model, config, step, {
-                "optimizer": optimizer.state_dict(),
-                "estimators": estimators.state_dict(),
-                "estimator_optimizer": estimator_optimizer.state_dict() if estimator_optimizer else None,
-                **run_state(generator, history, train_paths, val_paths, data_root),
-                **(extra or {}),
-            }),
-            path,
-        )
-
+    run = RunLoop(
+        out_dir, model, config, optimizer, generator, (train_paths, val_paths, data_root),
+        {"estimators": estimators, "estimator_optimizer": estimator_optimizer}, "train", show_progress,
+    )
+    run.restore(saved)
     model.train()
-    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="train", unit="step", disable=not show_progress)
-    losses: dict[str, float] = {}
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        batch = torch.randint(len(train_images), (tc.batch_size,), generator=generator)
-        features = train_features.select(batch)
-        logits, weights, outputs = model.run_experts(
-            features, train_images[batch].float(), with_loss=True,
-            easy_fraction=config.loss.hard_mining_easy_fraction, easy_scale=config.loss.hard_mining_easy_scale,
-        )
-        expert_losses = torch.stack([o.loss for o in outputs], dim=1)  # [B, E]
-        rec, router_rec = routed_reconstruction(expert_losses, weights, level_scales, level_of_expert)
-        esb, esb_parts = expert_selection_balancing(logits, weights, config.loss.capacity_weight, config.loss.z_weight)
-        eir = torch.zeros(())
-        pairs = []
-        for level, estimator in estimators.items():
-            i, j = torch.randperm(len(expert_index[level]), generator=generator)[:2].tolist()
-            # Unit-normalised: on raw representations the experts could drive the bound down by scaling them up.
-            x = torch.nn.functional.normalize(outputs[expert_index[level][i]].representation, dim=1)
-            y = torch.nn.functional.normalize(outputs[expert_index[level][j]].representation, dim=1)
-            eir = eir + estimator.upper_bound(x, y)
-            pairs.append((estimator, x.detach(), y.detach()))
-        total = rec + config.loss.router_weight * router_rec + config.loss.eir_weight * eir + config.loss.esb_weight * esb
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), tc.grad_clip)
-        optimizer.step()
-        if estimator_optimizer is not None:
-            # CLUB alternation: the estimator maximises log q(y|x) on detached representations.
-            estimator_optimizer.zero_grad(set_to_none=True)
-            (-sum(est.log_likelihood(x, y) for est, x, y in pairs)).backward()
-            estimator_optimizer.step()
-        per_level = {
-            f"rec_{level}": expert_losses[:, idx].mean().item() for level, idx in expert_index.items() if idx
-        }
-        losses = {"total": total.item(), "rec": rec.item(), "router": router_rec.item(), "eir": eir.item(), "esb": esb.item(), **per_level, **esb_parts}
-        history.append({"step": step + 1, **losses, "elapsed_s": elapsed_before + time.time() - loop_started})
-        bar.set_postfix(rec=f"{losses['rec']:.4f}", eir=f"{losses['eir']:.3f}", esb=f"{losses['esb']:.3f}")
-        if (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
-            save(resume_path, step + 1)
-    bar.close()
+    step = training_step(model, config, train_features, train_images, generator, optimizer, estimators, estimator_optimizer)
+    losses = run.run(step, postfix={"rec": ".4f", "eir": ".3f", "esb": ".3f"})
 
     calibration = calibrate_after_training(model, train_features, val_features, train_images, val_images, config)
-    usage = _routing_usage(model, train_features)
-    final = out_dir / FINAL_NAME
-    save(final, tc.steps, {"calibration": calibration, "routing_usage": usage, "train_seconds": time.time() - started})
-    save(resume_path, tc.steps)
-    config.save_yaml(out_dir / "config.yaml")
-    atomic_write_text(out_dir / "history.json", json.dumps(history))
+    with torch.no_grad():
+        usage = selection_summary(model, model.route(train_features.descriptor, len(train_features.taps))[1])
+    final = run.finish({"calibration": calibration, "routing_usage": usage, "train_seconds": time.time() - started})
     return TrainResult(final, tc.steps, time.time() - started, losses)
-
-
-@torch.no_grad()
-def _routing_usage(model: AnomalyMoE, features: EncoderFeatures) -> dict:
-    """How often each expert is among the top-k on the training images, and the mean weight it gets."""
-    _, weights = model.route(features.descriptor, len(features.taps))
-    selected = (weights > 0).float()
-    return {
-        "selected_share": selected.mean(dim=0).tolist(),
-        "mean_weight": weights.mean(dim=0).tolist(),
-        "experts": list(model.expert_levels),
-    }
