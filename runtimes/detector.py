@@ -74,9 +74,10 @@ class EdgeDetector:
     NPU / AUTO, ONNX Runtime CPU / CUDA / TensorRT, TensorRT cuda:N); None takes the device the bundle was
     converted for (``amoe convert --device``), else the backend's default. A device that is not present is an
     error, never a quiet switch to the CPU. threshold: an absolute image-score threshold instead of the calibrated
-    one; sensitivity: scale the calibrated one (see ``effective_threshold``). Other keyword arguments go to the
-    backend (``threads``, ``cache_dir``, ``dla_core``, ``hint``, ``inference_precision``); one it does not take is
-    an error.
+    one; sensitivity: scale the calibrated one (see ``effective_threshold``). Other keyword arguments are the
+    chosen backend's options (``amoe_sdk.runtimes.backends.options``: ONNX Runtime ``threads``; OpenVINO ``threads``,
+    ``cache_dir``, ``hint``, ``inference_precision``; TensorRT ``cache_dir``, ``dla_core``); one it does not take
+    is an error naming the backend and its options.
 
     Thread safety: one detector may be called from several threads at once (``predict``, ``predict_batch``,
     several ``stream`` s); each backend keeps what one call needs apart from the others (see

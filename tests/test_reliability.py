@@ -472,3 +472,56 @@ def test_a_closed_backend_and_a_wrong_batch_are_clear_errors(onnx_bundle):
 def test_an_option_a_backend_does_not_take_is_named(onnx_bundle):
     with pytest.raises(BackendError, match="takes no option hint; its options: threads"):
         EdgeDetector(onnx_bundle, hint="THROUGHPUT")
+
+
+def test_a_backend_loads_on_activate_and_refuses_to_run_inactive(onnx_bundle):
+    from amoe_sdk.runtimes.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from amoe_sdk.runtimes.backends.options import OnnxRuntimeOptions
+
+    bundle = read_bundle(onnx_bundle)
+    batch = np.zeros(bundle.manifest.input.shape, np.uint8)
+    runner = OnnxRuntimeBackend(bundle, "CPU", OnnxRuntimeOptions(threads=1))
+    assert not runner.is_active
+    with pytest.raises(BackendError, match="not active; call activate"):
+        runner.infer(batch)
+    with runner:
+        assert runner.is_active
+        first = runner.infer(batch)
+        runner.activate()  # activating an active runner does nothing
+    assert not runner.is_active
+    with pytest.raises(BackendError, match="not active"):
+        runner.infer(batch)
+    runner.activate()  # loads again after a deactivate, with the same outputs
+    again = runner.infer(batch)
+    assert first.keys() == again.keys() and all(np.array_equal(first[k], again[k]) for k in first)
+    runner.close()
+    runner.close()
+    assert runner.is_closed and not runner.is_active
+    with pytest.raises(BackendError, match="closed"):
+        runner.activate()
+
+
+@pytest.mark.parametrize(
+    "backend, options, words",
+    [
+        ("openvino", {"dla_core": 0}, "the openvino backend takes no option dla_core; its options: threads, cache_dir, hint, inference_precision"),
+        ("onnxruntime", {"threads": 0}, "threads must be a positive whole number"),
+        ("openvino", {"hint": "FASTEST"}, "hint must be one of LATENCY, THROUGHPUT, CUMULATIVE_THROUGHPUT"),
+        ("tensorrt", {"dla_core": -1}, "dla_core must be a DLA core index"),
+        ("tensorrt", {"threads": 2}, "the tensorrt backend takes no option threads; its options: cache_dir, dla_core"),
+    ],
+)
+def test_backend_options_are_checked_against_the_backends_dataclass(backend, options, words):
+    from amoe_sdk.runtimes.backends.options import make_options
+
+    with pytest.raises(BackendError, match=words):
+        make_options(backend, **options)
+
+
+def test_threads_for_tensorrt_is_a_backend_error_not_a_type_error(onnx_bundle, monkeypatch):
+    """``amoe bench --threads 2`` on a TensorRT bundle: the options are checked before TensorRT is loaded."""
+    import amoe_sdk.runtimes.backends as backends
+
+    monkeypatch.setattr(backends, "installed", lambda name: True)
+    with pytest.raises(BackendError, match="tensorrt backend takes no option threads"):
+        backends.create_backend(read_bundle(onnx_bundle), "tensorrt", None, threads=2)

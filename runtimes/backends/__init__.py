@@ -1,16 +1,17 @@
 """One runner per inference runtime, each behind the same small interface (in the manner of Polygraphy's runners).
 
-A backend is built from a checked ``Bundle``, takes a uint8 NHWC BGR batch of the bundle's fixed shape and
-returns the graph's outputs by name. Each imports its runtime only when it is chosen.
+A backend is made from a checked ``Bundle``, a device name and its options dataclass (``options.py``), loads the
+artifact when activated, takes a uint8 NHWC BGR batch of the bundle's fixed shape and returns the graph's outputs
+by name. Each imports its runtime only when it is chosen.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 
 from amoe_sdk.errors import BackendError
 from amoe_sdk.runtimes.backends.base import Backend
+from amoe_sdk.runtimes.backends.options import make_options
 from amoe_sdk.runtimes.bundle import Bundle
 
 BACKENDS = ("openvino", "onnxruntime", "tensorrt")
@@ -62,25 +63,17 @@ def _backend_class(name: str) -> type[Backend]:
     return TensorRTBackend
 
 
-def backend_options(name: str) -> list[str]:
-    """The keyword options a backend takes beyond the bundle and the device."""
-    parameters = inspect.signature(_backend_class(name).__init__).parameters
-    return [p for p in parameters if p not in ("self", "bundle", "device")]
-
-
 def create_backend(bundle: Bundle, backend: str, device: str | None, **options) -> Backend:
-    """The backend for ``bundle``. ``device`` None means the device the bundle was converted for (``amoe convert
-    --device``), else the backend's default; a recorded device that is absent is an error saying how to override."""
+    """The backend for ``bundle``, activated. ``device`` None means the device the bundle was converted for (``amoe
+    convert --device``), else the backend's default; a recorded device that is absent is an error saying how to
+    override. ``options`` are the chosen backend's (``amoe_sdk.runtimes.backends.options``)."""
     name = resolve_backend(bundle, backend)
     if not installed(name):
         hint = ("TensorRT comes with JetPack on a Jetson, or from NVIDIA's index on a GPU host" if name == "tensorrt"
                 else f"pip install '{_MODULES[name]}'")
         raise BackendError(f"backend '{name}' is not installed on this machine; {hint}")
+    chosen = make_options(name, **options)
     cls = _backend_class(name)
-    accepted = backend_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise BackendError(f"the {name} backend takes no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}")
     recorded = bundle.manifest.device
     if device is None and recorded is not None:
         if name != _DEVICE_BACKEND[bundle.target]:
@@ -89,10 +82,10 @@ def create_backend(bundle: Bundle, backend: str, device: str | None, **options) 
                 f"does not name a {name} device; pass device= (or --device) for {name}"
             )
         try:
-            return cls(bundle, recorded, **options)
+            return cls(bundle, recorded, chosen).activate()
         except BackendError as exc:
             raise BackendError(
                 f"{exc} (the device '{recorded}' is the one bundle {bundle.root} was converted for, amoe convert "
                 f"--device {recorded}; to run elsewhere pass device= to EdgeDetector, or --device on the command line)"
             ) from exc
-    return cls(bundle, device or _DEFAULT_DEVICE[name], **options)
+    return cls(bundle, device or _DEFAULT_DEVICE[name], chosen).activate()

@@ -111,22 +111,59 @@ class ThreadedPipeline(InferPipeline):
 
 
 class Backend(ABC):
-    """A runner in the manner of Polygraphy's: ``infer(batch uint8 [B, S, S, 3])`` -> {output name: array}, with
-    ``B`` and ``S`` the bundle's. The public ``infer`` checks the batch and the runner's state, then calls the
-    backend's ``infer_impl``; ``close()`` may be called more than once, and a closed backend refuses to run.
+    """A runner in the manner of Polygraphy's: made from a bundle, a device name and the backend's options
+    dataclass, it loads nothing until ``activate()`` (or ``with backend:``), which loads the artifact on the
+    device; ``deactivate()`` releases it and ``activate()`` may load it again. ``infer(batch uint8 [B, S, S, 3])``
+    -> {output name: array}, with ``B`` and ``S`` the bundle's: the public ``infer`` checks the batch against the
+    artifact's input and the runner's state, then calls the backend's ``infer_impl``. ``close()`` deactivates for
+    good and may be called more than once; an inactive or closed backend refuses to run with an error saying so.
     Every backend's ``infer`` may be called from several threads at once (see the module's notes)."""
 
     name: str = "?"
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, device: str, options):
         self.bundle = bundle
-        self.device = "?"
+        self.device = device  # the name asked for; ``activate_impl`` may make it more precise
+        self.options = options
         self.input_shape = bundle.manifest.input.shape
+        self._active = False
         self._closed = False
+
+    @property
+    def is_active(self) -> bool:
+        return self._active
 
     @property
     def is_closed(self) -> bool:
         return self._closed
+
+    def activate(self) -> "Backend":
+        """Load the artifact on the device; activating an active backend does nothing."""
+        if self._closed:
+            raise BackendError(f"the {self.name} backend of {self.bundle.root} is closed; open a new EdgeDetector to run it again")
+        if not self._active:
+            self.activate_impl()
+            self._active = True
+        return self
+
+    def deactivate(self) -> None:
+        """Release what ``activate`` loaded; deactivating an inactive backend does nothing."""
+        if self._active:
+            self._active = False
+            self.deactivate_impl()
+
+    def __enter__(self) -> "Backend":
+        return self.activate()
+
+    def __exit__(self, *exc_info) -> None:
+        self.deactivate()
+
+    @abstractmethod
+    def activate_impl(self) -> None:
+        """Load the artifact on ``self.device`` with ``self.options``; raise ``BackendError`` saying what is missing."""
+
+    def deactivate_impl(self) -> None:
+        """Release what ``activate_impl`` loaded."""
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         self.check_batch(batch)
@@ -135,9 +172,14 @@ class Backend(ABC):
     @abstractmethod
     def infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
-    def check_batch(self, batch: np.ndarray) -> None:
+    def check_usable(self) -> None:
         if self._closed:
             raise BackendError(f"the {self.name} backend of {self.bundle.root} is closed; open a new EdgeDetector to run it again")
+        if not self._active:
+            raise BackendError(f"the {self.name} backend of {self.bundle.root} is not active; call activate() (or use it in a with block) first")
+
+    def check_batch(self, batch: np.ndarray) -> None:
+        self.check_usable()
         if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8 or batch.shape != self.input_shape:
             got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
             raise InputError(
@@ -157,17 +199,13 @@ class Backend(ABC):
 
     def pipeline(self, depth: int) -> InferPipeline:
         """``depth`` batches in flight, from ``depth`` threads calling ``infer``."""
+        self.check_usable()
         return ThreadedPipeline(self.infer, depth)
 
     def close(self) -> None:
-        """Release the runtime's resources; the backend refuses to run afterwards. Safe to call twice."""
-        if self._closed:
-            return
+        """Deactivate for good: the backend refuses to run or activate afterwards. Safe to call twice."""
+        self.deactivate()
         self._closed = True
-        self.close_impl()
-
-    def close_impl(self) -> None:
-        """What a backend releases on ``close``."""
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"

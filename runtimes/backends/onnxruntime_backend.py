@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from amoe_sdk.errors import BackendError
 from amoe_sdk.runtimes.backends.base import Backend
-from amoe_sdk.runtimes.bundle import Bundle
+from amoe_sdk.runtimes.backends.options import OnnxRuntimeOptions
 
 _PROVIDERS = {"CPU": "CPUExecutionProvider", "CUDA": "CUDAExecutionProvider", "TENSORRT": "TensorrtExecutionProvider"}
 # ONNX Runtime's names of the element types an input may have.
@@ -19,39 +19,40 @@ _DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    options: OnnxRuntimeOptions
 
-    def __init__(self, bundle: Bundle, device: str = "CPU", threads: int | None = None):
-        super().__init__(bundle)
-        key = device.upper()
+    def activate_impl(self) -> None:
+        key = self.device.upper()
         if key not in _PROVIDERS:
-            raise BackendError(f"onnxruntime device '{device}' is unknown; choose CPU, CUDA or TensorRT")
+            raise BackendError(f"onnxruntime device '{self.device}' is unknown; choose CPU, CUDA or TensorRT")
         provider = _PROVIDERS[key]
         if provider not in ort.get_available_providers():
             raise BackendError(
                 f"onnxruntime on this machine has no {provider} (it has {', '.join(ort.get_available_providers())}); "
                 "install onnxruntime-gpu for CUDA / TensorRT, or pass device='CPU'"
             )
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        session_options = ort.SessionOptions()
+        if self.options.threads:
+            session_options.intra_op_num_threads = self.options.threads
+            session_options.inter_op_num_threads = 1
         # Requested provider first, CPU only for the ops it cannot run (ONNX Runtime requires it listed).
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         # A jetson bundle's TensorRT-ready ONNX is a plain ONNX model too: ONNX Runtime runs it off the Jetson.
-        path = bundle.artifact("onnx" if bundle.has_artifact("onnx") else "tensorrt_onnx")
+        path = self.bundle.artifact("onnx" if self.bundle.has_artifact("onnx") else "tensorrt_onnx")
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
-        graph_input = self.session.get_inputs()[0]
+        graph_input = session.get_inputs()[0]
         self.check_artifact_input(tuple(graph_input.shape), _DTYPES.get(graph_input.type, graph_input.type), str(path))
+        self.session = session
         self.input_name = graph_input.name
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
         self.device = key
 
     def infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outputs = self.session.run(self.output_names, {self.input_name: batch})
         return dict(zip(self.output_names, outputs))
 
-    def close_impl(self) -> None:
+    def deactivate_impl(self) -> None:
         self.session = None

@@ -17,7 +17,7 @@ import openvino as ov
 
 from amoe_sdk.errors import BackendError
 from amoe_sdk.runtimes.backends.base import Backend, InferPipeline, LanePool
-from amoe_sdk.runtimes.bundle import Bundle
+from amoe_sdk.runtimes.backends.options import OpenVINOOptions
 
 LOG = logging.getLogger("amoe_sdk.runtimes")
 # Infer requests one backend keeps at most; a thread beyond that waits for a free one.
@@ -55,18 +55,11 @@ class AsyncQueuePipeline(InferPipeline):
 class OpenVINOBackend(Backend):
     name = "openvino"
 
-    def __init__(
-        self,
-        bundle: Bundle,
-        device: str = "CPU",
-        threads: int | None = None,
-        cache_dir: str | Path | None = None,
-        hint: str = "LATENCY",
-        inference_precision: str | None = None,
-    ):
-        super().__init__(bundle)
+    options: OpenVINOOptions
+
+    def activate_impl(self) -> None:
         core = ov.Core()
-        device = device.upper()
+        device = self.device.upper()
         available = core.available_devices
         for wanted in _physical_devices(device):
             if not any(d == wanted or d.startswith(wanted + ".") for d in available):
@@ -74,22 +67,23 @@ class OpenVINOBackend(Backend):
                     f"OpenVINO device '{wanted}' is not present on this machine (it has {', '.join(available)}); "
                     "install the device's driver or pass one of those"
                 )
-        calibrated = bundle.manifest.threshold.inference_precision
-        precision = inference_precision or calibrated
+        options = self.options
+        calibrated = self.bundle.manifest.threshold.inference_precision
+        precision = options.inference_precision or calibrated
         if precision not in _PRECISIONS:
             raise BackendError(f"inference_precision '{precision}' is unknown; choose one of {', '.join(_PRECISIONS)}")
         if precision != calibrated:
             LOG.warning(
                 "%s runs at %s, but its threshold was measured at %s: scores will differ from the calibration; "
-                "measure the threshold again on this device (amoe verify shows the shift)", bundle.root, precision, calibrated,
+                "measure the threshold again on this device (amoe verify shows the shift)", self.bundle.root, precision, calibrated,
             )
-        if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(cache_dir)})
-        config: dict[str, str] = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
-        if threads and device == "CPU":
-            config["INFERENCE_NUM_THREADS"] = str(threads)
-        xml = bundle.artifact("openvino_xml")
+        if options.cache_dir is not None:
+            Path(options.cache_dir).mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(options.cache_dir)})
+        config: dict[str, str] = {"PERFORMANCE_HINT": options.hint, "INFERENCE_PRECISION_HINT": precision}
+        if options.threads and device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = str(options.threads)
+        xml = self.bundle.artifact("openvino_xml")
         try:
             model = core.read_model(str(xml))
             self.compiled = core.compile_model(model, device, config)
@@ -120,6 +114,7 @@ class OpenVINOBackend(Backend):
             )
 
     def pipeline(self, depth: int) -> InferPipeline:
+        self.check_usable()
         return AsyncQueuePipeline(self, depth)
 
     def infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -127,7 +122,7 @@ class OpenVINOBackend(Backend):
             results = request.infer({0: batch}, share_outputs=False)  # copies: the request goes back to the pool
             return {name: np.asarray(results[output]) for name, output in zip(self.output_names, self.compiled.outputs)}
 
-    def close_impl(self) -> None:
+    def deactivate_impl(self) -> None:
         self._requests.close()
         self.compiled = None
 

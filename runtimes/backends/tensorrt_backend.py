@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from amoe_sdk.errors import BackendError
+from amoe_sdk.errors import BackendError, BundleError
 from amoe_sdk.runtimes.backends.base import Backend, LanePool
+from amoe_sdk.runtimes.backends.options import TensorRTOptions
 from amoe_sdk.runtimes.backends.tensorrt_engine import EngineOptions, build_engine
 from amoe_sdk.runtimes.bundle import Bundle
 
@@ -44,28 +45,33 @@ MAX_LANES = 8
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, device: str = "cuda:0", cache_dir: str | Path | None = None, dla_core: int | None = None):
+    options: TensorRTOptions
+
+    def activate_impl(self) -> None:
         import tensorrt as trt
 
-        super().__init__(bundle)
         cudart = _cudart()
-        match = re.fullmatch(r"(?:cuda:)?(\d+)", device.lower())
+        match = re.fullmatch(r"(?:cuda:)?(\d+)", self.device.lower().split(" ")[0])
         if not match:
-            raise BackendError(f"TensorRT device '{device}' is not a CUDA device; pass cuda:0 (or another index)")
+            raise BackendError(f"TensorRT device '{self.device}' is not a CUDA device; pass cuda:0 (or another index)")
         index = int(match.group(1))
         count = _check(cudart.cudaGetDeviceCount()) if self._has_cuda(cudart) else 0
         if index >= count:
             raise BackendError(f"TensorRT device cuda:{index} requested but this machine has {count} CUDA device(s)")
         _check(cudart.cudaSetDevice(index))
         gpu = self.gpu_name(index)
-        engine_path = self._engine_for(bundle, gpu, trt.__version__, cache_dir, dla_core)
+        engine_path = self._engine_for(self.bundle, gpu, trt.__version__, self.options.cache_dir, self.options.dla_core)
         logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT cannot deserialize {engine_path}; delete it to rebuild on this device")
         first = _Lane(self.engine, cudart, trt, index)
         inputs = [(shape, dtype) for shape, dtype, _, is_input in first.tensors.values() if is_input]
-        self.check_artifact_input(inputs[0][0], str(inputs[0][1]), str(engine_path))
+        try:
+            self.check_artifact_input(inputs[0][0], str(inputs[0][1]), str(engine_path))
+        except BundleError:
+            first.close()
+            raise
         self.lanes: LanePool[_Lane] = LanePool(lambda: _Lane(self.engine, cudart, trt, index), MAX_LANES, _Lane.close)
         self.lanes.prime(first)
         self.device = f"cuda:{index} ({gpu})"
@@ -99,8 +105,9 @@ class TensorRTBackend(Backend):
         with self.lanes.borrow() as lane:
             return lane.infer(batch)
 
-    def close_impl(self) -> None:
+    def deactivate_impl(self) -> None:
         self.lanes.close()
+        self.engine = None
 
 
 class _Lane:
