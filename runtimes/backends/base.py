@@ -123,7 +123,8 @@ class Backend(ABC):
 
     def __init__(self, bundle: Bundle, device: str, options):
         self.bundle = bundle
-        self.device = device  # the name asked for; ``activate_impl`` may make it more precise
+        self.requested_device = device  # what ``activate_impl`` loads on, each time
+        self.device = device  # what ``describe`` shows; ``activate_impl`` makes it precise (the GPU's name)
         self.options = options
         self.input_shape = bundle.manifest.input.shape
         self._active = False
@@ -139,8 +140,7 @@ class Backend(ABC):
 
     def activate(self) -> "Backend":
         """Load the artifact on the device; activating an active backend does nothing."""
-        if self._closed:
-            raise BackendError(f"the {self.name} backend of {self.bundle.root} is closed; open a new EdgeDetector to run it again")
+        self._refuse_if_closed()
         if not self._active:
             self.activate_impl()
             self._active = True
@@ -160,7 +160,7 @@ class Backend(ABC):
 
     @abstractmethod
     def activate_impl(self) -> None:
-        """Load the artifact on ``self.device`` with ``self.options``; raise ``BackendError`` saying what is missing."""
+        """Load the artifact on ``self.requested_device`` with ``self.options``; raise ``BackendError`` saying what is missing."""
 
     def deactivate_impl(self) -> None:
         """Release what ``activate_impl`` loaded."""
@@ -172,9 +172,12 @@ class Backend(ABC):
     @abstractmethod
     def infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
-    def check_usable(self) -> None:
+    def _refuse_if_closed(self) -> None:
         if self._closed:
             raise BackendError(f"the {self.name} backend of {self.bundle.root} is closed; open a new EdgeDetector to run it again")
+
+    def check_usable(self) -> None:
+        self._refuse_if_closed()
         if not self._active:
             raise BackendError(f"the {self.name} backend of {self.bundle.root} is not active; call activate() (or use it in a with block) first")
 

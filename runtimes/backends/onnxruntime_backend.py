@@ -22,9 +22,9 @@ class OnnxRuntimeBackend(Backend):
     options: OnnxRuntimeOptions
 
     def activate_impl(self) -> None:
-        key = self.device.upper()
+        key = self.requested_device.upper()
         if key not in _PROVIDERS:
-            raise BackendError(f"onnxruntime device '{self.device}' is unknown; choose CPU, CUDA or TensorRT")
+            raise BackendError(f"onnxruntime device '{self.requested_device}' is unknown; choose CPU, CUDA or TensorRT")
         provider = _PROVIDERS[key]
         if provider not in ort.get_available_providers():
             raise BackendError(

@@ -59,7 +59,7 @@ class OpenVINOBackend(Backend):
 
     def activate_impl(self) -> None:
         core = ov.Core()
-        device = self.device.upper()
+        device = self.requested_device.upper()
         available = core.available_devices
         for wanted in _physical_devices(device):
             if not any(d == wanted or d.startswith(wanted + ".") for d in available):

@@ -51,9 +51,9 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
 
         cudart = _cudart()
-        match = re.fullmatch(r"(?:cuda:)?(\d+)", self.device.lower().split(" ")[0])
+        match = re.fullmatch(r"(?:cuda:)?(\d+)", self.requested_device.lower())
         if not match:
-            raise BackendError(f"TensorRT device '{self.device}' is not a CUDA device; pass cuda:0 (or another index)")
+            raise BackendError(f"TensorRT device '{self.requested_device}' is not a CUDA device; pass cuda:0 (or another index)")
         index = int(match.group(1))
         count = _check(cudart.cudaGetDeviceCount()) if self._has_cuda(cudart) else 0
         if index >= count:
