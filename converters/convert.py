@@ -249,6 +249,7 @@ class Exporter:
             "normalisation": {
                 "map_low": model.map_low.tolist(), "map_high": model.map_high.tolist(),
                 "level_weights": model.level_weights.tolist(), "top_percent": model.config.postprocess.top_percent,
+                "map_level_weights": model.map_level_weights.tolist(),
             },
             "model": self.payload["config"]["model"],
             "onnx_opset": OPSET,
@@ -312,8 +313,10 @@ class Exporter:
         """Measure the threshold on the artifact, then write the one manifest into it -> ``manifest.json``'s content
         (``BundleWriter.commit`` adds the files' hashes and the manifest's digest)."""
         options = self.options
-        scores = infer_in_batches(artifact.infer, self.frames, options.batch_size)["score"].astype(np.float64)
-        threshold = measured_threshold(scores, options.threshold_sigma, self.source, artifact.measured_with)
+        outputs = infer_in_batches(artifact.infer, self.frames, options.batch_size)
+        scores = outputs["score"].astype(np.float64)
+        map_scores = top_percent_means(outputs["anomaly_map"], self.metadata["normalisation"]["top_percent"])
+        threshold = measured_threshold(scores, map_scores, options.threshold_sigma, self.source, artifact.measured_with)
         manifest = {
             # The schema's defaults written out, as manifest.json has them, so that every copy is the same.
             **BundleManifest.optional_defaults(),
@@ -445,12 +448,22 @@ def int8_calibration_frames(payload: dict, calib_data: Path | None, size: int) -
     return load_frames(paths, size), "the run's training images"
 
 
-def measured_threshold(scores: np.ndarray, sigma: float, source: str, backend: str) -> dict:
-    """The image threshold from normal scores: mean + sigma * std. The pixel threshold is the same value: the
-    image score is the mean of the map's top pixels, so both live on the map's normalised scale."""
+def top_percent_means(maps: np.ndarray, percent: float) -> np.ndarray:
+    """Each map's score as the model makes it from its own fused map: [N, 1, S, S] -> [N], the mean of its top
+    ``percent`` % pixels."""
+    flat = maps.reshape(len(maps), -1).astype(np.float64)
+    k = max(1, int(np.ceil(flat.shape[1] * percent / 100.0)))
+    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+
+
+def measured_threshold(scores: np.ndarray, map_scores: np.ndarray, sigma: float, source: str, backend: str) -> dict:
+    """The image threshold from normal scores [N], mean + sigma * std, and the pixel threshold by the same rule
+    from the normal maps' own top-percent means [N] (``top_percent_means``): the map may fuse fewer levels than
+    the score (``AnomalyMoE.map_level_weights``), and its pixels live on its own normalised scale."""
     value, mean, std = normal_threshold(scores, sigma)
+    pixel = normal_threshold(map_scores, sigma)[0]
     return {
-        "image": value, "pixel": value, "sensitivity": 0.5, "rule": f"mean + {sigma:g} std of normal scores",
+        "image": value, "pixel": pixel, "sensitivity": 0.5, "rule": f"mean + {sigma:g} std of normal scores (the map's: of its top-percent means)",
         "normal_score_mean": mean, "normal_score_std": std, "normal_score_max": float(scores.max()),
         "images": len(scores), "source": source, "measured_with": backend, "inference_precision": MEASURED_PRECISION,
     }

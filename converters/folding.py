@@ -23,7 +23,9 @@ from amoe_sdk.models.routing import count_cost, expert_names, route_images, sele
 @dataclass
 class FoldingReport:
     """What folding found and did. ``histogram``: the selected expert sets, most common first, with their share
-    of the calibration images; ``fusion_weights``: the constant weight of each kept expert; ``max_weight_shift``:
+    of the calibration images; ``fusion_weights``: the constant weight of each kept expert in the score, and
+    ``map_fusion_weights`` in the map (``AnomalyMoE.map_level_weights``; empty in reports written before the map
+    had its own shares, whose map was the score's); ``max_weight_shift``:
     the largest difference, over the agreeing images, between an image's own fusion weights and the constants
     (0 means folding is exact on them)."""
 
@@ -37,6 +39,7 @@ class FoldingReport:
     fusion_weights: dict[str, float]
     routing_weights: dict[str, float]
     max_weight_shift: float
+    map_fusion_weights: dict[str, float] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
     gflops_before: float = 0.0
@@ -54,7 +57,10 @@ class FoldedDetector(nn.Module):
     the constant folded top-k weights [B, E] (zeros for dropped experts) and ``router_logits`` zeros.
     """
 
-    def __init__(self, model: AnomalyMoE, kept: list[int], fusion_weights: torch.Tensor, routing_weights: torch.Tensor):
+    def __init__(
+        self, model: AnomalyMoE, kept: list[int], fusion_weights: torch.Tensor, routing_weights: torch.Tensor,
+        map_fusion_weights: torch.Tensor,
+    ):
         super().__init__()
         self.config = model.config
         self.encoder = model.encoder
@@ -70,7 +76,8 @@ class FoldedDetector(nn.Module):
         self.grid_size = model.grid_size
         self.register_buffer("map_low", model.map_low[kept].clone())
         self.register_buffer("map_high", model.map_high[kept].clone())
-        self.register_buffer("fusion", fusion_weights.clone())  # [K]
+        self.register_buffer("fusion", fusion_weights.clone())  # [K], the score's
+        self.register_buffer("map_fusion", map_fusion_weights.clone())  # [K], the map's
         self.register_buffer("routing", routing_weights.clone())  # [E]
         self.blur = model.blur
         self.num_experts = model.num_experts
@@ -91,9 +98,14 @@ class FoldedDetector(nn.Module):
                 maps.append(expert(images_bgr).anomaly_map)
         expert_maps = torch.cat(maps, dim=1)  # [B, K, G, G]
         normed = normalise_expert_maps(expert_maps, self.map_low, self.map_high)
-        grid_map = (self.fusion.view(1, -1, 1, 1) * normed).sum(dim=1, keepdim=True)
-        full, score = upsample_and_score(grid_map, self.blur, self.config.input_size, self.config.postprocess.top_percent)
+        score_grid = (self.fusion.view(1, -1, 1, 1) * normed).sum(dim=1, keepdim=True)
+        map_grid = (self.map_fusion.view(1, -1, 1, 1) * normed).sum(dim=1, keepdim=True)
         b = images_bgr.shape[0]
+        # Both in one pass, as AnomalyMoE.score_and_map does.
+        full, scores = upsample_and_score(
+            torch.cat([score_grid, map_grid]), self.blur, self.config.input_size, self.config.postprocess.top_percent
+        )
+        full, score = full[b:], scores[:b]
         routing = self.routing.view(1, -1).expand(b, -1)
         return DetectorOutput(full, score, routing, torch.zeros_like(routing), expert_maps)
 
@@ -121,10 +133,11 @@ def fold_routing(model: AnomalyMoE, images_bgr: torch.Tensor, min_agreement: flo
     agreeing = torch.tensor([s == best for s in sets])
     fusion = model.fusion_weights(logits[agreeing], weights[agreeing])  # [A, E]
     constant = fusion.mean(dim=0)
+    map_constant = model.fusion_weights(logits[agreeing], weights[agreeing], model.map_level_weights).mean(dim=0)
     shift = float((fusion - constant).abs().max())
     kept = [e for e in range(model.num_experts) if constant[e] > 0]
     routing = weights[agreeing].mean(dim=0)
-    folded = FoldedDetector(model, kept, constant[kept], routing).eval()
+    folded = FoldedDetector(model, kept, constant[kept], routing, map_constant[kept]).eval()
     report = FoldingReport(
         images=len(sets),
         histogram=histogram,
@@ -134,6 +147,7 @@ def fold_routing(model: AnomalyMoE, images_bgr: torch.Tensor, min_agreement: flo
         selected=[names[e] for e in best],
         kept=[names[e] for e in kept],
         fusion_weights={names[e]: float(constant[e]) for e in kept},
+        map_fusion_weights={names[e]: float(map_constant[e]) for e in kept},
         routing_weights={names[e]: float(routing[e]) for e in best},
         max_weight_shift=shift,
         notes=report_notes,
@@ -153,4 +167,6 @@ def folded_from_report(model: AnomalyMoE, report: dict) -> FoldedDetector:
     kept = [names.index(name) for name in report["kept"]]
     fusion = torch.tensor([report["fusion_weights"][name] for name in report["kept"]])
     routing = torch.tensor([report["routing_weights"].get(name, 0.0) for name in names])
-    return FoldedDetector(model, kept, fusion, routing).eval()
+    map_weights = report.get("map_fusion_weights") or report["fusion_weights"]
+    map_fusion = torch.tensor([map_weights[name] for name in report["kept"]])
+    return FoldedDetector(model, kept, fusion, routing, map_fusion).eval()

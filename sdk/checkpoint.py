@@ -116,6 +116,9 @@ def load_detector(path: str | Path):
     model.config = config.model
     if "level_weights" not in state:
         state = {**state, "level_weights": model.level_weights.clone()}
+    if "map_level_weights" not in state:
+        # Written before the map had its own level shares: it was the score's map.
+        state = {**state, "map_level_weights": state["level_weights"].clone()}
     # Buffers an older checkpoint lacks, taken unfitted from the fresh model (zero gains: the maps stay as they were).
     unfitted_buffers = set()
     if "patch_experts.0.residual_mean" in state and "patch_experts.0.residual_basis" not in state:

@@ -26,7 +26,8 @@ LEVELS = ("patch", "component", "global")
 
 @dataclass
 class DetectorOutput:
-    """``anomaly_map``: [B, 1, S, S] normalised map at the input size; ``score``: [B] image scores;
+    """``anomaly_map``: [B, 1, S, S] normalised map at the input size (fused with ``map_level_weights``);
+    ``score``: [B] image scores (the top-percent mean of the map fused with ``level_weights``);
     ``routing_weights``: [B, E]; ``router_logits``: [B, E]; ``expert_maps``: [B, E, G, G] raw (un-normalised)
     per-expert maps."""
 
@@ -103,6 +104,10 @@ class AnomalyMoE(nn.Module):
         # The levels' shares of the fused map [L]: the config's, or measured per product at the end of training
         # (``postprocess.level_weighting``), so they travel in the state dict.
         self.register_buffer("level_weights", level_weights / level_weights.sum().clamp_min(FP16_SAFE_EPS))
+        # The levels' shares of the map a person reads [L]: the same, or, where a level that tells images apart
+        # paints where it cannot locate (a missing pin lights every other pin), those of the levels that locate
+        # (``sdk/training/fusion.py``, ``choose_map_levels``). The score still fuses every level.
+        self.register_buffer("map_level_weights", self.level_weights.clone())
         # Per-expert map normalisation, measured on normal validation images after training.
         self.register_buffer("map_low", torch.zeros(num_experts))
         self.register_buffer("map_high", torch.ones(num_experts))
@@ -197,10 +202,12 @@ class AnomalyMoE(nn.Module):
         level_softmax = (logits.unsqueeze(1) + (in_level - 1.0) * 1e4).softmax(dim=2) * in_level
         return torch.where(level_total > 0, per_level / level_total.clamp_min(FP16_SAFE_EPS), level_softmax)
 
-    def fusion_weights(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def fusion_weights(self, logits: torch.Tensor, weights: torch.Tensor, shares: torch.Tensor | None = None) -> torch.Tensor:
         """How much each expert's normalised map counts in the fused map: [B, E] logits and weights -> [B, E]:
-        its weight within its level (``level_fusion``) times the level's ``level_weights`` share."""
-        return (self.level_weights.view(1, -1, 1) * self.level_fusion(logits, weights)).sum(dim=1)
+        its weight within its level (``level_fusion``) times the level's share (``shares`` [L], by default
+        ``level_weights``, those of the score)."""
+        shares = self.level_weights if shares is None else shares
+        return (shares.view(1, -1, 1) * self.level_fusion(logits, weights)).sum(dim=1)
 
     def level_maps(self, normalised_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed map of each level: [B, E, G, G] normalised expert maps -> [B, L, G, G]. The fused map is
@@ -219,19 +226,29 @@ class AnomalyMoE(nn.Module):
         """[B, E, G, G] raw maps -> the same, normalised with each expert's validation statistics."""
         return normalise_expert_maps(expert_maps, self.map_low, self.map_high)
 
-    def fuse(self, expert_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Routed fusion on the grid: [B, E, G, G] raw maps, [B, E] router logits and weights -> [B, 1, G, G]."""
-        fusion = self.fusion_weights(logits, weights)
+    def fuse(self, expert_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, shares: torch.Tensor | None = None) -> torch.Tensor:
+        """Routed fusion on the grid: [B, E, G, G] raw maps, [B, E] router logits and weights -> [B, 1, G, G],
+        with the score's level shares unless ``shares`` [L] are given."""
+        fusion = self.fusion_weights(logits, weights, shares)
         return (fusion.view(*fusion.shape, 1, 1) * self.normalise_maps(expert_maps)).sum(dim=1, keepdim=True)
 
     def postprocess(self, grid_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 1, G, G] -> (map [B, 1, S, S] upsampled and blurred, score [B])."""
         return upsample_and_score(grid_map, self.blur, self.config.input_size, self.config.postprocess.top_percent)
 
+    def score_and_map(self, score_grid: torch.Tensor, map_grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score's and the map's fused grids [B, 1, G, G] -> (map [B, 1, S, S], score [B]): both upsampled and
+        blurred in one pass, the score the top-percent mean of its own map."""
+        batch = len(score_grid)
+        full, scores = self.postprocess(torch.cat([score_grid, map_grid]))
+        return full[batch:], scores[:batch]
+
     def forward_features(self, features: EncoderFeatures, images_bgr: torch.Tensor) -> DetectorOutput:
         logits, weights, outputs = self.run_experts(features, images_bgr)
         expert_maps = torch.cat([o.anomaly_map for o in outputs], dim=1)  # [B, E, G, G]
-        anomaly_map, score = self.postprocess(self.fuse(expert_maps, logits, weights))
+        anomaly_map, score = self.score_and_map(
+            self.fuse(expert_maps, logits, weights), self.fuse(expert_maps, logits, weights, self.map_level_weights)
+        )
         return DetectorOutput(anomaly_map, score, weights, logits, expert_maps)
 
     def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:

@@ -24,7 +24,7 @@ from amoe_sdk.models.routing import selection_summary
 from amoe_sdk.training.composition import fit_composition
 from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.engine import RunLoop, StepFunction, find_resumable
-from amoe_sdk.training.fusion import calibrate_level_weights, pseudo_anomaly_sets
+from amoe_sdk.training.fusion import calibrate_level_weights, choose_map_levels, pseudo_anomaly_sets
 from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
 from amoe_sdk.training.resume import check_batch_fits, check_resumable
 from amoe_sdk.training.whitening import choose_colour, choose_memory, choose_whitening, fit_residual_statistics
@@ -140,6 +140,7 @@ def calibrate_after_training(
     calibration = calibrate_normalisation(model, val, val_images, config)
     if config.model.postprocess.level_weighting == "pseudo":
         fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, config.train.seed)
+        fusion["map"] = choose_map_levels(model, val_images, config.train.seed)
         # The validation scores again, with the measured shares.
         calibration = {**calibrate_normalisation(model, val, val_images, config, refit=False), "fusion": fusion}
     if whitening is not None:

@@ -22,13 +22,12 @@ from amoe_sdk.evaluation.metrics import auroc
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
 from amoe_sdk.models.experts import cosine_distance
-from amoe_sdk.training.fusion import PseudoAnomalies, level_outputs, pseudo_anomaly_sets
+from amoe_sdk.training.fusion import (
+    MIN_ERROR_REDUCTION, PseudoAnomalies, best_removing_enough_error, level_outputs, pseudo_anomaly_sets,
+)
 
 # (form, gain) tried in order; a gain is in units of the cosine map's normal spread.
 CANDIDATES = (("cosine", 0.0), ("diagonal", 0.5), ("diagonal", 1.0), ("subspace", 0.5), ("subspace", 1.0), ("subspace", 2.0), ("subspace", 4.0))
-# A form is kept only if it removes this share of the cosine map's pseudo-anomaly error (1 - AUROC): relative, as
-# image AUROCs saturate on objects while their pixel AUROCs still differ; a smaller share is within the noise.
-MIN_ERROR_REDUCTION = 0.1
 # The gains tried for the patch memory and the colour deviation, in units of the patch map's normal spread (0,
 # without the term, is always tried), and how far a term may lower any pseudo-anomaly AUROC (``choose_memory``
 # says why it is kept unless it costs): one point, the resolution the accuracy goals are stated in.
@@ -127,15 +126,6 @@ def patch_separation(model: AnomalyMoE, val_images: torch.Tensor, sets: dict[str
     return {**per_set, "mean": float(np.mean(list(per_set.values())))}
 
 
-def _best_removing_enough_error(separation: dict, candidates, baseline):
-    """The candidate with the best mean pseudo-anomaly AUROC in ``separation`` if it removes
-    ``MIN_ERROR_REDUCTION`` of the ``baseline``'s error (1 - AUROC), else the baseline."""
-    best = max(candidates, key=lambda candidate: separation[candidate]["mean"])
-    if 1.0 - separation[best]["mean"] > (1.0 - MIN_ERROR_REDUCTION) * (1.0 - separation[baseline]["mean"]):
-        return baseline
-    return best
-
-
 @torch.no_grad()
 def choose_whitening(
     model: AnomalyMoE, ratios: SpreadRatios, val_images: torch.Tensor, renormalise: Callable[[], None], seed: int,
@@ -151,7 +141,7 @@ def choose_whitening(
         _set_form(model, ratios, form, gain)
         renormalise()
         separation[(form, gain)] = patch_separation(model, val_images, sets)
-    best = _best_removing_enough_error(separation, CANDIDATES, baseline=CANDIDATES[0])
+    best = best_removing_enough_error(separation, CANDIDATES, baseline=CANDIDATES[0])
     _set_form(model, ratios, *best)
     renormalise()
     return {
@@ -232,7 +222,7 @@ def _choose_term_gain(
         best = max(tolerated, default=0.0)
         described = f"the largest gain under which no patch-level AUROC (image and pixel, blatant and subtle) on held-out normals vs pseudo-anomalies falls more than {MAX_TERM_AUROC_DROP} below its value without the {term} term"
     else:
-        best = _best_removing_enough_error(separation, candidates, baseline=0.0)
+        best = best_removing_enough_error(separation, candidates, baseline=0.0)
         described = f"the gain with the best mean patch-level AUROC (image and pixel, blatant and subtle) on held-out normals vs pseudo-anomalies, if it removes {MIN_ERROR_REDUCTION:.0%} of the error without the {term} term"
     for buffer, ratio in zip(gains, ratios):
         buffer.fill_(best * ratio)
