@@ -37,6 +37,7 @@ from amoe_sdk.converters.quantize_common import QuantizationReport
 from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
 from amoe_sdk.data.images import list_images
 from amoe_sdk.errors import ConfigError, ConversionError, DataError, UsageError
+from amoe_sdk.models.layers import top_percent_mean
 from amoe_sdk.models.routing import expert_names
 from amoe_sdk.runtimes.manifest import (
     DEVICE_EXAMPLES, DEVICE_PATTERNS, PRECISIONS, ROUTING_MODES, SCHEMA_VERSION, TARGETS, BundleManifest,
@@ -315,7 +316,9 @@ class Exporter:
         options = self.options
         outputs = infer_in_batches(artifact.infer, self.frames, options.batch_size)
         scores = outputs["score"].astype(np.float64)
-        map_scores = top_percent_means(outputs["anomaly_map"], self.metadata["normalisation"]["top_percent"])
+        map_scores = top_percent_mean(
+            torch.from_numpy(outputs["anomaly_map"].astype(np.float64)), self.metadata["normalisation"]["top_percent"]
+        ).numpy()
         threshold = measured_threshold(scores, map_scores, options.threshold_sigma, self.source, artifact.measured_with)
         manifest = {
             # The schema's defaults written out, as manifest.json has them, so that every copy is the same.
@@ -448,17 +451,9 @@ def int8_calibration_frames(payload: dict, calib_data: Path | None, size: int) -
     return load_frames(paths, size), "the run's training images"
 
 
-def top_percent_means(maps: np.ndarray, percent: float) -> np.ndarray:
-    """Each map's score as the model makes it from its own fused map: [N, 1, S, S] -> [N], the mean of its top
-    ``percent`` % pixels."""
-    flat = maps.reshape(len(maps), -1).astype(np.float64)
-    k = max(1, int(np.ceil(flat.shape[1] * percent / 100.0)))
-    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
-
-
 def measured_threshold(scores: np.ndarray, map_scores: np.ndarray, sigma: float, source: str, backend: str) -> dict:
     """The image threshold from normal scores [N], mean + sigma * std, and the pixel threshold by the same rule
-    from the normal maps' own top-percent means [N] (``top_percent_means``): the map may fuse fewer levels than
+    from the normal maps' own top-percent means [N] (``top_percent_mean``): the map may fuse fewer levels than
     the score (``AnomalyMoE.map_level_weights``), and its pixels live on its own normalised scale."""
     value, mean, std = normal_threshold(scores, sigma)
     pixel = normal_threshold(map_scores, sigma)[0]

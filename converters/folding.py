@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from amoe_sdk.errors import ConversionError
-from amoe_sdk.models.detector import AnomalyMoE, DetectorOutput, normalise_expert_maps, upsample_and_score
+from amoe_sdk.models.detector import AnomalyMoE, DetectorOutput, normalise_expert_maps, upsample_score_and_map
 from amoe_sdk.models.layers import standardise_taps
 from amoe_sdk.models.routing import count_cost, expert_names, route_images, selected_sets, set_histogram
 
@@ -100,12 +100,10 @@ class FoldedDetector(nn.Module):
         normed = normalise_expert_maps(expert_maps, self.map_low, self.map_high)
         score_grid = (self.fusion.view(1, -1, 1, 1) * normed).sum(dim=1, keepdim=True)
         map_grid = (self.map_fusion.view(1, -1, 1, 1) * normed).sum(dim=1, keepdim=True)
-        b = images_bgr.shape[0]
-        # Both in one pass, as AnomalyMoE.score_and_map does.
-        full, scores = upsample_and_score(
-            torch.cat([score_grid, map_grid]), self.blur, self.config.input_size, self.config.postprocess.top_percent
+        full, score = upsample_score_and_map(
+            score_grid, map_grid, self.blur, self.config.input_size, self.config.postprocess.top_percent
         )
-        full, score = full[b:], scores[:b]
+        b = images_bgr.shape[0]
         routing = self.routing.view(1, -1).expand(b, -1)
         return DetectorOutput(full, score, routing, torch.zeros_like(routing), expert_maps)
 

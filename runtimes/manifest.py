@@ -91,7 +91,7 @@ class Normalisation:
     map_high: list[float]
     level_weights: list[float]
     top_percent: float
-    map_level_weights: list[float] | None = None  # the map's shares where they differ; None before they existed
+    map_level_weights: list[float] | None = None  # the map's shares; None in bundles written before it had its own
 
 
 @dataclass

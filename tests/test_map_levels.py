@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from amoe_sdk.checkpoint import load_detector, read_checkpoint
-from amoe_sdk.converters.convert import measured_threshold, top_percent_means
+from amoe_sdk.converters.convert import measured_threshold
 from amoe_sdk.converters.folding import fold_routing
+from amoe_sdk.models.layers import top_percent_mean
 from amoe_sdk.training.data import load_images
 
 
@@ -95,6 +96,7 @@ def test_folding_keeps_the_map_shares_apart_from_the_score_s(tiny_run, sample_ro
 def test_the_pixel_threshold_is_measured_on_the_map_s_own_scale():
     maps = np.stack([np.full((1, 10, 10), v, np.float32) for v in (0.1, 0.2, 0.3)])
     maps[:, :, 0, 0] += 1.0  # one hot pixel: the top 1 % of 100 pixels
-    assert top_percent_means(maps, 1.0) == pytest.approx([1.1, 1.2, 1.3])
-    threshold = measured_threshold(np.array([2.0, 2.0, 2.0]), top_percent_means(maps, 1.0), 3.0, "test", "onnxruntime")
+    map_scores = top_percent_mean(torch.from_numpy(maps.astype(np.float64)), 1.0).numpy()
+    assert map_scores == pytest.approx([1.1, 1.2, 1.3])
+    threshold = measured_threshold(np.array([2.0, 2.0, 2.0]), map_scores, 3.0, "test", "onnxruntime")
     assert threshold["image"] == pytest.approx(2.0) and threshold["pixel"] == pytest.approx(1.2 + 3.0 * 0.1)

@@ -50,6 +50,16 @@ def upsample_and_score(grid_map: torch.Tensor, blur: nn.Module, size: int, top_p
     return full, top_percent_mean(full, top_percent)
 
 
+def upsample_score_and_map(
+    score_grid: torch.Tensor, map_grid: torch.Tensor, blur: nn.Module, size: int, top_percent: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score's and the map's fused grids [B, 1, G, G] -> (map [B, 1, S, S], score [B]): both upsampled and
+    blurred in one pass (``upsample_and_score``), the score the top-percent mean of its own map."""
+    batch = len(score_grid)
+    full, scores = upsample_and_score(torch.cat([score_grid, map_grid]), blur, size, top_percent)
+    return full[batch:], scores[:batch]
+
+
 class AnomalyMoE(nn.Module):
     """The mixture-of-experts anomaly detector.
 
@@ -206,8 +216,12 @@ class AnomalyMoE(nn.Module):
         """How much each expert's normalised map counts in the fused map: [B, E] logits and weights -> [B, E]:
         its weight within its level (``level_fusion``) times the level's share (``shares`` [L], by default
         ``level_weights``, those of the score)."""
+        return self._weigh_levels(self.level_fusion(logits, weights), shares)
+
+    def _weigh_levels(self, within_level: torch.Tensor, shares: torch.Tensor | None) -> torch.Tensor:
+        """[B, L, E] weights within each level (``level_fusion``), [L] shares (None: ``level_weights``) -> [B, E]."""
         shares = self.level_weights if shares is None else shares
-        return (shares.view(1, -1, 1) * self.level_fusion(logits, weights)).sum(dim=1)
+        return (shares.view(1, -1, 1) * within_level).sum(dim=1)
 
     def level_maps(self, normalised_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The routed map of each level: [B, E, G, G] normalised expert maps -> [B, L, G, G]. The fused map is
@@ -229,25 +243,25 @@ class AnomalyMoE(nn.Module):
     def fuse(self, expert_maps: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, shares: torch.Tensor | None = None) -> torch.Tensor:
         """Routed fusion on the grid: [B, E, G, G] raw maps, [B, E] router logits and weights -> [B, 1, G, G],
         with the score's level shares unless ``shares`` [L] are given."""
-        fusion = self.fusion_weights(logits, weights, shares)
-        return (fusion.view(*fusion.shape, 1, 1) * self.normalise_maps(expert_maps)).sum(dim=1, keepdim=True)
+        return self._fuse_normalised(self.normalise_maps(expert_maps), self.level_fusion(logits, weights), shares)
+
+    def _fuse_normalised(self, normalised_maps: torch.Tensor, within_level: torch.Tensor, shares: torch.Tensor | None) -> torch.Tensor:
+        """``fuse`` from its two parts, so that a forward pass makes them once for the score and the map."""
+        fusion = self._weigh_levels(within_level, shares)
+        return (fusion.view(*fusion.shape, 1, 1) * normalised_maps).sum(dim=1, keepdim=True)
 
     def postprocess(self, grid_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 1, G, G] -> (map [B, 1, S, S] upsampled and blurred, score [B])."""
         return upsample_and_score(grid_map, self.blur, self.config.input_size, self.config.postprocess.top_percent)
 
-    def score_and_map(self, score_grid: torch.Tensor, map_grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The score's and the map's fused grids [B, 1, G, G] -> (map [B, 1, S, S], score [B]): both upsampled and
-        blurred in one pass, the score the top-percent mean of its own map."""
-        batch = len(score_grid)
-        full, scores = self.postprocess(torch.cat([score_grid, map_grid]))
-        return full[batch:], scores[:batch]
-
     def forward_features(self, features: EncoderFeatures, images_bgr: torch.Tensor) -> DetectorOutput:
         logits, weights, outputs = self.run_experts(features, images_bgr)
         expert_maps = torch.cat([o.anomaly_map for o in outputs], dim=1)  # [B, E, G, G]
-        anomaly_map, score = self.score_and_map(
-            self.fuse(expert_maps, logits, weights), self.fuse(expert_maps, logits, weights, self.map_level_weights)
+        normalised, within_level = self.normalise_maps(expert_maps), self.level_fusion(logits, weights)
+        anomaly_map, score = upsample_score_and_map(
+            self._fuse_normalised(normalised, within_level, None),
+            self._fuse_normalised(normalised, within_level, self.map_level_weights),
+            self.blur, self.config.input_size, self.config.postprocess.top_percent,
         )
         return DetectorOutput(anomaly_map, score, weights, logits, expert_maps)
 

@@ -251,11 +251,12 @@ def _student_setup(
     """The untrained student with the teacher's level shares and its own feature statistics, its cached encoder
     features (normal training, validation) and its training pool."""
     student = AnomalyMoE(config.model)
-    # The teacher's measured level shares, over the levels the student has: their fused maps are made alike.
-    shares = teacher.level_weights * (student.level_matrix.sum(dim=1) > 0)
-    student.level_weights.copy_(shares / shares.sum().clamp_min(1e-12))
-    map_shares = teacher.map_level_weights * (student.level_matrix.sum(dim=1) > 0)
-    student.map_level_weights.copy_(map_shares / map_shares.sum().clamp_min(1e-12))
+    # The teacher's measured level shares (the score's and the map's), over the levels the student has: their fused
+    # maps are made alike.
+    present = student.level_matrix.sum(dim=1) > 0
+    for name in ("level_weights", "map_level_weights"):
+        shares = getattr(teacher, name) * present
+        getattr(student, name).copy_(shares / shares.sum().clamp_min(1e-12))
     normal_features = encode_all(student, normals, desc="student encode train")
     pseudo_features = encode_all(student, pseudo, desc="student encode pseudo") if len(pseudo) else None
     val_features = encode_all(student, val_images, desc="student encode val")

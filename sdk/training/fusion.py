@@ -81,7 +81,9 @@ def chance_spread(n_normal: int, n_anomalous: int) -> float:
 
 
 @torch.no_grad()
-def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: list[float], seed: int) -> dict:
+def calibrate_level_weights(
+    model: AnomalyMoE, val_images: torch.Tensor, base: list[float], seed: int, sets: dict[str, PseudoAnomalies] | None = None,
+) -> dict:
     """Set ``model.level_weights`` from each level's image AUROC on held-out normal images (uint8 [N, 3, S, S])
     against 2N blatant pseudo-anomalies (cut-paste, Perlin, region swaps) and, separately, N subtle ones made
     from them. A level's separation is the lower of its two AUROCs less one chance spread (``chance_spread``) of
@@ -95,7 +97,7 @@ def calibrate_level_weights(model: AnomalyMoE, val_images: torch.Tensor, base: l
     chance, the separations without the chance spread decide; where no level beats 0.5 either, the base shares
     stay. -> the record the checkpoint keeps."""
     model.eval()
-    sets = pseudo_anomaly_sets(val_images, seed)
+    sets = pseudo_anomaly_sets(val_images, seed) if sets is None else sets
     normal = level_scores(model, val_images)
     present = model.level_matrix.sum(dim=1) > 0
     separation_by_set, beyond_chance = {}, []
@@ -142,7 +144,9 @@ def all_level_maps(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8)
 
 
 @torch.no_grad()
-def choose_map_levels(model: AnomalyMoE, val_images: torch.Tensor, seed: int) -> dict:
+def choose_map_levels(
+    model: AnomalyMoE, val_images: torch.Tensor, seed: int, sets: dict[str, PseudoAnomalies] | None = None,
+) -> dict:
     """Set ``model.map_level_weights``, the levels' shares of the map a person reads, once ``level_weights`` are
     measured: the score's shares restricted to the subset of its levels whose fused map best locates the
     pseudo-anomalies (pixel AUROC over held-out normals, uint8 [N, 3, S, S], and their blatant and subtle
@@ -152,12 +156,13 @@ def choose_map_levels(model: AnomalyMoE, val_images: torch.Tensor, seed: int) ->
     from the other pins' area and paints them all (its map alone 0.73 pixel AUROC on blatant pseudo-anomalies
     against the patch level's 0.95), so in the score it helps and in the map it hides the defect. Each level's map
     is made as the fused one (upsampled, blurred) and the fusion is linear, so each subset's map is a weighted sum
-    of the level maps. -> the record the checkpoint keeps."""
+    of the level maps; ``level_weights`` sum to 1, so at least one level has a share. -> the record the checkpoint
+    keeps."""
     model.eval()
     shares = model.level_weights.numpy().astype(np.float64)
     scored = [i for i in range(len(LEVELS)) if shares[i] > 0]
     subsets = [tuple(s) for size in range(len(scored), 0, -1) for s in itertools.combinations(scored, size)]
-    sets = pseudo_anomaly_sets(val_images, seed)
+    sets = pseudo_anomaly_sets(val_images, seed) if sets is None else sets
     normal_maps = all_level_maps(model, val_images)
     pseudo_maps = {name: all_level_maps(model, pseudo.images) for name, pseudo in sets.items()}
 
@@ -176,11 +181,8 @@ def choose_map_levels(model: AnomalyMoE, val_images: torch.Tensor, seed: int) ->
             labels = np.r_[np.zeros(normal.size, bool), pseudo.masks.ravel()]
             by_set[f"{name} pixel"] = auroc(labels, np.r_[normal, anomalous])
         separation[subset] = {**by_set, "mean": float(np.mean(list(by_set.values())))}
-    chosen = best_removing_enough_error(separation, subsets, baseline=subsets[0]) if subsets else ()
-    if chosen:
-        model.map_level_weights.copy_(torch.tensor(restricted(chosen), dtype=torch.float32))
-    else:
-        model.map_level_weights.copy_(model.level_weights)
+    chosen = best_removing_enough_error(separation, subsets, baseline=subsets[0])
+    model.map_level_weights.copy_(torch.tensor(restricted(chosen), dtype=torch.float32))
     name = lambda subset: "+".join(LEVELS[i] for i in subset)  # noqa: E731
     return {
         "rule": f"the score's level shares over the subset of its levels with the best pixel AUROC on held-out normals vs "

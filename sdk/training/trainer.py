@@ -127,20 +127,23 @@ def calibrate_after_training(
     if config.model.component.composition_gain > 0 and len(model.component_experts):
         composition = fit_composition(model, train, config.model.component.composition_gain)
     whitening = None
-    if config.model.patch.residual_whitening == "auto" and len(model.patch_experts):
+    seed = config.train.seed
+    whiten = config.model.patch.residual_whitening == "auto" and len(model.patch_experts)
+    weigh_levels = config.model.postprocess.level_weighting == "pseudo"
+    # The same for every choice: made once.
+    sets = pseudo_anomaly_sets(val_images, seed) if whiten or weigh_levels else None
+    if whiten:
         ratios = fit_residual_statistics(model, train)
         renormalise = lambda: calibrate_normalisation(model, val, val_images, config)  # noqa: E731
-        seed = config.train.seed
-        sets = pseudo_anomaly_sets(val_images, seed)  # the same for every choice: made once
         whitening = choose_whitening(model, ratios, val_images, renormalise, seed, sets)
         if model.patch_memory is not None:
             whitening["memory"] = choose_memory(model, train, val, val_images, renormalise, seed, sets)
         if model.colour is not None:
             whitening["colour"] = choose_colour(model, train_images, val, val_images, renormalise, seed, sets)
     calibration = calibrate_normalisation(model, val, val_images, config)
-    if config.model.postprocess.level_weighting == "pseudo":
-        fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, config.train.seed)
-        fusion["map"] = choose_map_levels(model, val_images, config.train.seed)
+    if weigh_levels:
+        fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, seed, sets)
+        fusion["map"] = choose_map_levels(model, val_images, seed, sets)
         # The validation scores again, with the measured shares.
         calibration = {**calibrate_normalisation(model, val, val_images, config, refit=False), "fusion": fusion}
     if whitening is not None:
