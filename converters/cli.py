@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from amoe_sdk.errors import UsageError
 from amoe_sdk.process import run_command
 
 CONVERT_DESCRIPTION = """\
@@ -43,6 +44,7 @@ examples:
   amoe convert --checkpoint runs/kit --target intel --precision fp16 --device GPU --out bundles/kit-ov
   amoe convert --checkpoint runs/kit --target jetson --routing folded --out bundles/kit-trt
   amoe convert --checkpoint runs/kit --target intel --precision int8 --out bundles/kit-ov-int8
+  amoe convert --checkpoint runs/range --product kit --target intel --routing folded --out bundles/kit-folded
 then: amoe verify bundles/kit-onnx --data data/sample/kit
 """
 
@@ -57,6 +59,11 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         "atomically); any other folder or file is refused and left as it is")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"), help="default fp32; int8 is accuracy-gated (see --max-drop)")
     parser.add_argument("--routing", default="dense", choices=("dense", "folded"), help="default dense (exact)")
+    parser.add_argument("--product", help="a detector trained over a range of products: the product whose calibration and "
+                        "threshold the bundle carries (with --routing folded, whose expert set it keeps); `amoe info RUN` lists them")
+    parser.add_argument("--all-products", action="store_true", help="a detector trained over a range of products: one bundle "
+                        "per product into OUT/<product> with an index (EdgeDetector(OUT, product=NAME)), and a table of "
+                        "each one's routing agreement, kept experts, parameters and GFLOPs")
     parser.add_argument("--calib-data", type=Path, help="folder of normal images for folding and the threshold "
                         "(default: the run's held-out validation images)")
     parser.add_argument("--fold-min-agreement", type=float, help="--routing folded: share of images that must pick the same experts (default 0.95)")
@@ -84,17 +91,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from amoe_sdk.converters.convert import ConvertOptions, convert
+    from amoe_sdk.converters.range_bundle import convert_products, format_rows
     from amoe_sdk.runtimes.bundle import read_bundle
 
     if args.threads:
         torch.set_num_threads(args.threads)
     options = ConvertOptions(
-        target=args.target, precision=args.precision, routing=args.routing, calib_data=args.calib_data,
+        target=args.target, precision=args.precision, routing=args.routing, product=args.product, calib_data=args.calib_data,
         fold_min_agreement=args.fold_min_agreement, force=args.force, device=args.device, batch_size=args.batch,
         threshold_sigma=args.threshold_sigma, dla_core=args.dla_core, max_drop=args.max_drop, max_threshold_rise=args.max_threshold_rise, val_data=args.val_data,
         calib_method=args.calib_method, accuracy_control=False if args.no_accuracy_control else None,
         tensorrt_cache_version=args.tensorrt_cache_version,
     )
+    options.resolved()  # options that do not fit are refused before the checkpoint is read
+    if args.all_products or (options.product is None and _is_range(args.checkpoint)):
+        if not args.all_products and options.routing == "folded":
+            raise UsageError(
+                f"{args.checkpoint} is one detector for a range of products; fold it for one with --product NAME, or "
+                "for each with --all-products"
+            )
+        out, rows = convert_products(args.checkpoint, args.out, options)
+        print(format_rows(rows))
+        print(f"wrote {out}: one bundle per product; open one with EdgeDetector({str(out)!r}, product=NAME)")
+        print(f"next: amoe verify {out}/NAME --data DATA/NAME")
+        return 0
     out = convert(args.checkpoint, args.out, options)
     bundle = read_bundle(out)
     threshold = bundle.manifest.threshold
@@ -103,6 +123,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"threshold {threshold.image:.4f} ({threshold.rule}, {threshold.images} images, {threshold.measured_with})")
     print(f"next: amoe verify {out} --data DATA")
     return 0
+
+
+def _is_range(checkpoint: Path) -> bool:
+    from amoe_sdk.checkpoint import read_checkpoint
+
+    return "products" in read_checkpoint(checkpoint)
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:

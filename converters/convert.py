@@ -105,6 +105,7 @@ class ConvertOptions:
     target: str = "onnx"
     precision: str = "fp32"
     routing: str = "dense"
+    product: str | None = None
     calib_data: Path | None = None
     force: bool = False
     device: str | None = None
@@ -197,7 +198,7 @@ class Exporter:
     def prepare(self, checkpoint: str | Path) -> None:
         """Load the run, read the calibration images, fold the routing when asked, and start the metadata."""
         options = self.options
-        model, self.payload = load_detector(checkpoint)
+        model, self.payload = load_detector(checkpoint, options.product)
         for expert in model.patch_experts:  # the same maps, without the whitened form that was not chosen
             expert.drop_unused_whitening()
         model.drop_unused_map_terms()
@@ -208,7 +209,9 @@ class Exporter:
         folding = None
         core: torch.nn.Module = model
         if options.routing == "folded":
-            core, report = fold_routing(model, images, options.fold_min_agreement, options.force)
+            routing = self.payload.get("product_routing")
+            product_set = routing["expert_sets"][0]["experts"] if routing else None
+            core, report = fold_routing(model, images, options.fold_min_agreement, options.force, product_set)
             folding = report.to_dict()
             LOG.info(
                 "folded routing: %.1f%% of %d images agree on %s; kept %s; params %s -> %s, GFLOPs %.2f -> %.2f",
@@ -232,7 +235,8 @@ class Exporter:
             "sdk_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             # Absolute, so that amoe verify finds it from any working directory; the hash tells a retrained run apart.
-            "source": {"checkpoint": str(source_file), "step": self.payload["step"], "data_root": self.payload.get("data_root"), "sha256": sha256_of(source_file)},
+            "source": {"checkpoint": str(source_file), "step": self.payload["step"], "data_root": self.payload.get("data_root"), "sha256": sha256_of(source_file),
+                       "product": self.payload.get("product")},
             "target": options.target,
             "precision": options.precision,
             "device": options.device,

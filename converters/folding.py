@@ -108,9 +108,14 @@ class FoldedDetector(nn.Module):
         return DetectorOutput(full, score, routing, torch.zeros_like(routing), expert_maps)
 
 
-def fold_routing(model: AnomalyMoE, images_bgr: torch.Tensor, min_agreement: float = 0.95, force: bool = False) -> tuple[FoldedDetector, FoldingReport]:
+def fold_routing(
+    model: AnomalyMoE, images_bgr: torch.Tensor, min_agreement: float = 0.95, force: bool = False, product_set: list[str] | None = None,
+) -> tuple[FoldedDetector, FoldingReport]:
     """Measure the router on calibration images (uint8 [N, 3, S, S]) and fold it; raises ConversionError with the
-    histogram when the most common expert set covers less than ``min_agreement`` of the images and not ``force``."""
+    histogram when the most common expert set covers less than ``min_agreement`` of the images and not ``force``.
+    ``product_set``: for one product of a range, the expert names its held-out normals route to; the fold is to
+    that set and the agreement is the share of the images that pick it (images of another product route
+    elsewhere and are refused, never folded to their own set under this product's calibration)."""
     if len(images_bgr) == 0:
         raise ConversionError("folding needs calibration images and got none; pass --calib-data with normal images")
     names = expert_names(model)
@@ -118,12 +123,16 @@ def fold_routing(model: AnomalyMoE, images_bgr: torch.Tensor, min_agreement: flo
     sets = selected_sets(weights)
     histogram = set_histogram(sets, names)
     best, best_count = Counter(sets).most_common(1)[0]
+    if product_set is not None:
+        best = tuple(sorted(names.index(name) for name in product_set))
+        best_count = sum(s == best for s in sets)
     agreement = best_count / len(sets)
     report_notes = []
     if agreement < min_agreement:
+        which = f"the product's expert set ({' + '.join(product_set)})" if product_set else "one expert set"
         message = (
-            f"the router agrees on one expert set for only {agreement:.1%} of the {len(sets)} calibration "
-            f"images (--fold-min-agreement {min_agreement:.0%}):\n{histogram_lines(histogram)}\n"
+            f"the router agrees on {which} for only {agreement:.1%} of the {len(sets)} calibration images "
+            f"(--fold-min-agreement {min_agreement:.0%}):\n{histogram_lines(histogram)}\n"
         )
         if not force:
             raise ConversionError(message + "use --routing dense (exact), or --force to fold to the most common set anyway")

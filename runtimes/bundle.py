@@ -113,3 +113,33 @@ def read_bundle(root: str | Path) -> Bundle:
                 "conversion; copy the bundle again or convert again"
             )
     return Bundle(root, manifest)
+
+
+# A range bundle: one bundle per product of a detector trained over a range of them, side by side, and this index.
+PRODUCTS_NAME = "products.json"
+
+
+def product_bundle(root: str | Path, product: str | None) -> Path:
+    """The bundle folder to open for ``product``: in a range bundle (``products.json``), that product's; a plain
+    bundle is its own, and a ``product`` given for it must be the one it was converted for. A range bundle without
+    ``product``, or with one it lacks, is a BundleError listing its products: there is no default product."""
+    root = Path(root)
+    index_path = root / PRODUCTS_NAME
+    if index_path.is_file():
+        try:
+            products = json.loads(index_path.read_text())["products"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise BundleError(f"{index_path} is damaged ({type(exc).__name__}); convert the range again") from exc
+        if product is None or product not in products:
+            given = "no product was named" if product is None else f"it has no product {product!r}"
+            raise BundleError(
+                f"{root} holds one bundle per product ({', '.join(products)}) and {given}: open it with "
+                "EdgeDetector(bundle, product=NAME) (--product NAME on the command line)"
+            )
+        return member_path(root, products[product], f"products.{product}")
+    if product is not None and (root / MANIFEST_NAME).is_file():
+        converted_for = read_bundle(root).manifest.source.product
+        if converted_for != product:
+            what = f"for product {converted_for!r}" if converted_for else "from a detector of one product"
+            raise BundleError(f"bundle {root} was converted {what}, not {product!r}; open it without product= or pass its own")
+    return root

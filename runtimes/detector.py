@@ -18,7 +18,7 @@ import numpy as np
 
 from amoe_sdk.errors import ConfigError, InputError
 from amoe_sdk.runtimes.backends import create_backend
-from amoe_sdk.runtimes.bundle import read_bundle
+from amoe_sdk.runtimes.bundle import product_bundle, read_bundle
 from amoe_sdk.runtimes.preprocess import check_frame, heat_map_overlay, map_to_frame, pad_batch, resize_to_input
 from amoe_sdk.typed import in_range
 
@@ -74,7 +74,10 @@ class EdgeDetector:
     NPU / AUTO, ONNX Runtime CPU / CUDA / TensorRT, TensorRT cuda:N); None takes the device the bundle was
     converted for (``amoe convert --device``), else the backend's default. A device that is not present is an
     error, never a quiet switch to the CPU. threshold: an absolute image-score threshold instead of the calibrated
-    one; sensitivity: scale the calibrated one (see ``effective_threshold``). Other keyword arguments are the
+    one; sensitivity: scale the calibrated one (see ``effective_threshold``). product: for a bundle of a detector
+    trained over a range of products (``amoe convert`` of such a run writes one bundle per product), the product
+    whose calibration and threshold to run; such a bundle opened without it is an error listing its products.
+    Other keyword arguments are the
     chosen backend's options (``amoe_sdk.runtimes.backends.options``: ONNX Runtime ``threads``; OpenVINO ``threads``,
     ``cache_dir``, ``hint``, ``inference_precision``; TensorRT ``cache_dir``, ``dla_core``); one it does not take
     is an error naming the backend and its options.
@@ -91,13 +94,14 @@ class EdgeDetector:
         device: str | None = None,
         threshold: float | None = None,
         sensitivity: float | None = None,
+        product: str | None = None,
         **backend_options,
     ):
         if threshold is not None and sensitivity is not None:
             raise ConfigError("pass threshold or sensitivity, not both")
         if threshold is not None:
             check_threshold(threshold)
-        self.bundle = read_bundle(bundle)
+        self.bundle = read_bundle(product_bundle(bundle, product))
         calibrated = self.bundle.manifest.threshold
         chosen_sensitivity = calibrated.sensitivity if sensitivity is None else sensitivity
         self.threshold = float(threshold) if threshold is not None else effective_threshold(calibrated.image, chosen_sensitivity)

@@ -48,12 +48,14 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass
 class SourceInfo:
-    """The checkpoint the bundle was converted from: absolute path, training step and SHA-256."""
+    """The checkpoint the bundle was converted from: absolute path, training step and SHA-256, and for a detector
+    trained over a range of products, the ``product`` whose calibration the bundle carries."""
 
     checkpoint: str
     step: int
     data_root: str | None = None
     sha256: str | None = None
+    product: str | None = None
 
 
 @dataclass

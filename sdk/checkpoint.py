@@ -82,11 +82,52 @@ SUBSPACE_BUFFERS = ("residual_basis", "residual_basis_weight", "residual_subspac
 COMPOSITION_BUFFERS = ("component_mean", "component_std", "area_mean", "area_precision", "composition_scale")
 
 
-def load_detector(path: str | Path):
-    """(AnomalyMoE in eval mode, payload) from a run directory or checkpoint file."""
+def run_products(payload: dict[str, Any]) -> list[str]:
+    """The products a checkpoint was trained on: a range's names, or the one folder's name."""
+    if "products" in payload:
+        return list(payload["products"])
+    if "product_names" in payload:  # a range's run that has not finished
+        return list(payload["product_names"])
+    return [Path(payload["data_root"]).name] if payload.get("data_root") else []
+
+
+def product_view(payload: dict[str, Any], product: str | None) -> dict[str, Any]:
+    """A checkpoint as one of its products sees it: a range's ``product`` laid over the trained state (its
+    calibrated entries, its calibration record, images and folder), so that every tool that reads one product's
+    checkpoint reads it. A single product's checkpoint is returned as it is (``product``, if given, must be its
+    own). CheckpointError listing the products when ``product`` is missing or not one of them: a range has no
+    default product."""
+    names = run_products(payload)
+    if "products" not in payload:
+        if product is not None and names and product != names[0]:
+            raise CheckpointError(f"{payload['path']} was trained on one product, {names[0]}, not {product!r}; leave out the product")
+        return payload
+    if product is None:
+        raise CheckpointError(
+            f"{payload['path']} is one detector for a range of products ({', '.join(names)}): each has its own "
+            "calibration, so name one with --product NAME (product= in Python)"
+        )
+    if product not in payload["products"]:
+        raise CheckpointError(f"{payload['path']} has no product {product!r}; its products are {', '.join(names)}")
+    record = payload["products"][product]
+    return {
+        **payload,
+        "state_dict": {**payload["state_dict"], **record["state"]},
+        "calibration": record["calibration"],
+        "train_images": record["train_images"],
+        "val_images": record["val_images"],
+        "data_root": record["data_root"],
+        "product": product,
+        "product_routing": record["routing"],
+    }
+
+
+def load_detector(path: str | Path, product: str | None = None):
+    """(AnomalyMoE in eval mode, payload) from a run directory or checkpoint file; for a range of products, the
+    detector and payload of ``product`` (``product_view``)."""
     from amoe_sdk.models.detector import AnomalyMoE
 
-    payload = read_checkpoint(path)
+    payload = product_view(read_checkpoint(path), product)
     config_data = copy.deepcopy(payload["config"])  # the payload stays as read
     state = payload["state_dict"]
     if "level_weights" not in state:

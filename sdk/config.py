@@ -175,6 +175,11 @@ class LossConfig:
     ``esb_weight``, so that balancing is not drowned out). Patch experts use hard mining: the gradient of the easiest
     ``hard_mining_easy_fraction`` of positions is multiplied by ``hard_mining_easy_scale``. L_ESB is
     importance + ``capacity_weight`` * capacity + ``z_weight`` * z-loss.
+
+    Trained on a range of products, the router also gets ``product_consistency_weight`` times the product
+    consistency hinge (``training/losses.py``, ``product_consistency``): every training image's top-k logits on its
+    product's expert set by ``product_margin``, so that a product's images route alike and its detector folds to
+    one static set. One product has nothing to specialise on: its router balances as before.
     """
 
     eir_weight: float = 1e-4
@@ -186,6 +191,8 @@ class LossConfig:
     hard_mining_easy_scale: float = 0.1
     capacity_weight: float = 1.0
     z_weight: float = 0.1
+    product_consistency_weight: float = 0.05
+    product_margin: float = 1.0
 
 
 @dataclass
@@ -386,6 +393,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "loss.hard_mining_easy_scale": (0, 1, False),
     "loss.capacity_weight": (0, None, False),
     "loss.z_weight": (0, None, False),
+    "loss.product_consistency_weight": (0, None, False),
+    "loss.product_margin": (0, None, False),
     "loss.map_weight": (0, None, False),
     "loss.score_weight": (0, None, False),
     "loss.reconstruction_weight": (0, None, False),

@@ -83,7 +83,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     overrides, flags = _run_overrides(args)
     if args.qat:
         overrides["qat.enabled"] = True
-    result = distill(args.teacher, args.data, args.out, args.student, overrides, resume=not args.no_resume, flags=flags)
+    result = distill(args.teacher, args.data, args.out, args.student, overrides, resume=not args.no_resume, flags=flags, product=args.product)
     fid = result.fidelity
     print(
         f"distilled {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}\n"
@@ -100,9 +100,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from amoe_sdk.checkpoint import load_detector
-    from amoe_sdk.data.layouts import read_dataset, read_folder_dataset
-    from amoe_sdk.evaluation.evaluate import evaluate, format_table, write_json
+    from amoe_sdk.checkpoint import load_detector, read_checkpoint, run_products
+    from amoe_sdk.data.layouts import read_folder_dataset
+    from amoe_sdk.data.products import read_products
+    from amoe_sdk.evaluation.evaluate import combine_categories, evaluate, format_category_table, format_table, write_json
 
     if args.data and args.normal:
         raise UsageError("pass either --data (MVTec layout) or --normal/--abnormal (plain folders), not both")
@@ -112,24 +113,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.save_images is not None:
         check_output_folder(args.save_images, "--save-images")
     _threads(args.threads)
-    if args.data:
-        dataset = read_dataset(args.data, require_test=True)
-    else:
-        dataset = read_folder_dataset(args.normal, args.abnormal, args.masks)
-    model, payload = load_detector(args.model)
+    datasets = read_products([args.data], require_test=True) if args.data else [read_folder_dataset(args.normal, args.abnormal, args.masks)]
+    payload = read_checkpoint(args.model)
+    products = run_products(payload)
+    is_range = "products" in payload
+    if is_range:
+        unknown = [d for d in datasets if d.name not in products]
+        if unknown:
+            raise UsageError(
+                f"{unknown[0].root} is not a product of {payload['path']} (its products: {', '.join(products)}): a range's "
+                "detector evaluates a category with that product's own calibration, so the folder must carry its name"
+            )
+    elif len(datasets) > 1:
+        raise UsageError(
+            f"{payload['path']} was trained on one product ({', '.join(products) or 'a plain folder'}), and {args.data} holds "
+            f"{len(datasets)} categories; evaluate it on its own category's folder"
+        )
     started = time.time()
-    result = evaluate(model, dataset, args.save_images)
+    per_category = {}
+    for dataset in datasets:
+        model, _ = load_detector(args.model, dataset.name if is_range else None)
+        save_images = None if args.save_images is None else (args.save_images / dataset.name if len(datasets) > 1 else args.save_images)
+        per_category[dataset.name] = {**evaluate(model, dataset, save_images), "dataset": str(dataset.root)}
+    if len(datasets) == 1:
+        result = next(iter(per_category.values()))
+        table = format_table(result, f"{datasets[0].name}: {len(datasets[0].test)} test images")
+    else:
+        result = combine_categories(per_category)
+        table = format_category_table(result, f"{len(datasets)} categories, each with its product's calibration")
+        result["dataset"] = str(args.data)
     result["checkpoint"] = str(payload["path"])
-    result["dataset"] = str(dataset.root)
     result["eval_seconds"] = time.time() - started
     write_json(result, args.out)
-    print(format_table(result, f"{dataset.name}: {len(dataset.test)} test images"))
+    print(table)
     print(f"metrics -> {args.out}" + (f", overlays -> {args.save_images}" if args.save_images else ""))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    if (Path(args.path) / "manifest.json").is_file():
+    if (Path(args.path) / "manifest.json").is_file() or (Path(args.path) / "products.json").is_file():
         return _info_bundle(args)  # torch-free: a bundle is inspected where it runs
     from amoe_sdk.checkpoint import read_checkpoint
 
@@ -139,7 +161,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "sdk_version": payload["sdk_version"],
         "format": payload["format"],
         "step": payload["step"],
-        "finished": "calibration" in payload,
+        "finished": "calibration" in payload or "products" in payload,
         "data_root": payload.get("data_root"),
         "train_images": len(payload.get("train_images", [])),
         "val_images": len(payload.get("val_images", [])),
@@ -150,6 +172,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         },
         "normalisation": payload.get("calibration"),
         "routing_usage": payload.get("routing_usage"),
+        **({"products": _product_summary(payload["products"])} if "products" in payload else {}),
         "prototypes": list(payload["state_dict"]["assigner.prototypes"].shape),
         "config": payload["config"],
     }
@@ -162,13 +185,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info_bundle(args: argparse.Namespace) -> int:
-    from amoe_sdk.runtimes.bundle import REPORT_NAME, read_bundle
+def _product_summary(products: dict) -> dict:
+    """Per product of a range: its folder, images, and the expert sets its held-out normals pick, with shares."""
+    return {
+        name: {
+            "data_root": record["data_root"],
+            "train_images": len(record["train_images"]),
+            "val_images": len(record["val_images"]),
+            "routing_agreement": record["routing"]["agreement"],
+            "expert_sets": [f"{'+'.join(s['experts'])}: {s['share']:.0%}" for s in record["routing"]["expert_sets"]],
+        }
+        for name, record in products.items()
+    }
 
-    bundle = read_bundle(args.path)
-    summary = bundle.manifest.to_dict()
-    report = bundle.root / REPORT_NAME
-    summary["parity_report"] = json.loads(report.read_text()) if report.is_file() else "not verified yet: run amoe verify"
+
+def _info_bundle(args: argparse.Namespace) -> int:
+    from amoe_sdk.runtimes.bundle import PRODUCTS_NAME, REPORT_NAME, product_bundle, read_bundle
+
+    def describe(root: Path) -> dict:
+        bundle = read_bundle(root)
+        summary = bundle.manifest.to_dict()
+        report = bundle.root / REPORT_NAME
+        summary["parity_report"] = json.loads(report.read_text()) if report.is_file() else "not verified yet: run amoe verify"
+        return summary
+
+    index = Path(args.path) / PRODUCTS_NAME
+    if index.is_file():  # a range bundle: each product's bundle
+        names = json.loads(index.read_text())["products"]
+        summary = {"products": {name: describe(product_bundle(args.path, name)) for name in names}}
+    else:
+        summary = describe(Path(args.path))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -245,10 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a detector on normal images",
         description="Train AnomalyMoE on the normal images of --data (an MVTec category's train/good, or a plain "
-        "folder of normal images). A share of them is held out to calibrate the anomaly maps. Interrupted runs "
+        "folder of normal images), or one AnomalyMoE over a range of products (a folder whose sub-folders are categories, "
+        "or --data repeated): its router learns to send each product's images to one expert set, and each product is "
+        "calibrated on its own held-out images. A share of the images is held out to calibrate the anomaly maps. Interrupted runs "
         "resume from RUN/last.pt; the result is RUN/model.pt.",
     )
-    tr.add_argument("--data", required=True, type=Path, help="MVTec category folder or folder of normal images")
+    tr.add_argument("--data", required=True, type=Path, action="append",
+                    help="MVTec category folder, folder of normal images, or folder of categories (a range of products: one "
+                    "detector for all); repeat --data A --data B to name the categories one by one")
     tr.add_argument("--out", required=True, type=Path, help="run folder for checkpoints, config.yaml and history.json")
     tr.add_argument("--config", type=Path, help="YAML config; missing keys keep their defaults (see RUN/config.yaml of any run)")
     tr.add_argument("--steps", type=int, help="optimisation steps (default from the config: 800)")
@@ -275,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--teacher", required=True, type=Path, help="the teacher's run folder or checkpoint (a finished amoe train run)")
     dis.add_argument("--data", required=True, type=Path, help="MVTec category folder or folder of normal images (the teacher's own)")
     dis.add_argument("--out", required=True, type=Path, help="run folder for the student")
+    dis.add_argument("--product", help="a teacher trained over a range of products: the product to distil (--data is then "
+                     "that product's category); `amoe info TEACHER` lists them")
     dis.add_argument("--student", type=Path, help="YAML overriding the student and distillation defaults: model, loss, data, qat, "
                      "train sections (see RUN/distill.yaml of any distillation run); unknown keys are errors")
     dis.add_argument("--steps", type=int, help="optimisation steps (default 2400)")
@@ -292,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
         "per defect type. Maps are compared with the ground truth at the model's input size.",
     )
     ev.add_argument("--model", required=True, type=Path, help="run folder or checkpoint file")
-    ev.add_argument("--data", type=Path, help="MVTec category folder (test/ and ground_truth/)")
+    ev.add_argument("--data", type=Path, help="MVTec category folder (test/ and ground_truth/), or a folder of categories for a "
+                    "range's detector: each evaluated with its product's calibration, a table per category and the means")
     ev.add_argument("--normal", type=Path, help="plain layout: folder of normal test images")
     ev.add_argument("--abnormal", type=Path, help="plain layout: folder of anomalous test images")
     ev.add_argument("--masks", type=Path, help="plain layout: masks named <stem>.png or <stem>_mask.png")

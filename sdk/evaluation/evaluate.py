@@ -159,5 +159,33 @@ def format_table(result: dict[str, Any], title: str = "") -> str:
     return "\n".join(rows)
 
 
+MEAN_KEYS = ("image_auroc", "f1_max", "pixel_auroc", "aupro")
+
+
+def combine_categories(per_category: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Several categories' results (``evaluate``, each with its own product's calibration) -> one result: the
+    means of the image and pixel metrics over the categories (each counts once, whatever its image count), the
+    image counts summed, and ``per_category`` holding each one whole."""
+    return {
+        **{key: float(np.mean([r[key] for r in per_category.values()])) for key in MEAN_KEYS},
+        "num_images": sum(r["num_images"] for r in per_category.values()),
+        "num_anomalous": sum(r["num_anomalous"] for r in per_category.values()),
+        "per_category": per_category,
+    }
+
+
+def format_category_table(result: dict[str, Any], title: str = "") -> str:
+    """A fixed-width table of a combined result: one row per category, then the means."""
+    header = f"{'category':<20}{'n':>5}{'img AUROC':>11}{'px AUROC':>10}{'AUPRO':>8}{'F1-max':>8}"
+    rows = [title, header, "-" * len(header)] if title else [header, "-" * len(header)]
+
+    def row(name: str, m: dict) -> str:
+        return f"{name:<20}{m['num_images']:>5}{m['image_auroc']:>11.4f}{m['pixel_auroc']:>10.4f}{m['aupro']:>8.4f}{m['f1_max']:>8.4f}"
+
+    rows += [row(name, metrics) for name, metrics in result["per_category"].items()]
+    rows += ["-" * len(header), row("mean", result)]
+    return "\n".join(rows)
+
+
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     atomic_write_text(Path(path), json.dumps(result, indent=2, allow_nan=True))

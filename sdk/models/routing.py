@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from amoe_sdk.models.detector import AnomalyMoE
+from amoe_sdk.models.encoders import EncoderFeatures
 
 
 def expert_names(model: AnomalyMoE) -> list[str]:
@@ -50,6 +51,16 @@ def set_histogram(sets: list[tuple[int, ...]], names: list[str]) -> list[dict]:
         {"experts": [names[e] for e in experts], "count": count, "share": count / len(sets)}
         for experts, count in counts.most_common()
     ]
+
+
+def product_routing(model: AnomalyMoE, features: EncoderFeatures) -> dict:
+    """Where the router sends one product's images (their encoder features): ``{"images": N, "agreement": the
+    share of the most common expert set, "expert_sets": set_histogram}``. The agreement is what folding to one
+    static set keeps of the dense detector."""
+    with torch.no_grad():
+        sets = selected_sets(model.route(features.descriptor, len(features.taps))[1])
+    histogram = set_histogram(sets, expert_names(model))
+    return {"images": len(sets), "agreement": histogram[0]["share"], "expert_sets": histogram}
 
 
 @torch.no_grad()

@@ -150,7 +150,7 @@ def _teacher_record(teacher_file: Path, teacher_hash: str, payload: dict) -> dic
     """What a student records of its teacher; a resumed distillation must find the same file (by digest)."""
     return {
         "path": str(teacher_file), "sha256": teacher_hash, "sdk_version": payload["sdk_version"],
-        "step": payload["step"], "config": payload["config"],
+        "step": payload["step"], "config": payload["config"], **({"product": payload["product"]} if "product" in payload else {}),
     }
 
 
@@ -174,16 +174,19 @@ def distill(
     resume: bool = True,
     show_progress: bool = True,
     flags: dict[str, str] | None = None,
+    product: str | None = None,
 ) -> DistillResult:
     """Distil the teacher run ``teacher_path`` into a student on the normal images of ``data_root``; writes
     ``out_dir/model.pt`` (an ordinary checkpoint with a ``distillation`` record) and resumes from ``out_dir/last.pt``
-    (or a finished run's ``model.pt``). ``flags`` names the command-line option behind each override, for messages."""
+    (or a finished run's ``model.pt``). ``flags`` names the command-line option behind each override, for messages.
+    ``product``: for a teacher trained over a range of products, the one to distil (its calibration and the expert
+    set its images route to: the student is that product's static detector)."""
     # Longer than 60 lines on purpose: its order is the order the data live in (teacher targets made and the
     # teacher's features freed before the student exists; the seed set where the student's draws begin), which
     # helpers would hide; each self-contained block is already one.
     started = time.time()
     out_dir = Path(out_dir)
-    teacher, teacher_payload = load_detector(teacher_path)
+    teacher, teacher_payload = load_detector(teacher_path, product)
     check_teacher(teacher_payload)
     teacher_file = Path(teacher_payload["path"]).resolve()
     teacher_hash = sha256_of(teacher_file)

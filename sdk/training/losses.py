@@ -76,3 +76,53 @@ def expert_selection_balancing(
     z_loss = (logits**2).mean()
     total = importance + capacity_weight * capacity + z_weight * z_loss
     return total, {"importance": importance.item(), "capacity": capacity.item(), "z": z_loss.item()}
+
+
+def product_sets(product_mean: torch.Tensor, top_k: int, level_of_expert: torch.Tensor) -> torch.Tensor:
+    """Each product's expert set from its images' mean router logits [P, E] -> [P, E] 0 / 1.
+
+    When ``top_k`` equals the number of levels (``level_of_expert`` [E]): one expert of each level per product,
+    assigned greedily by mean logit with each expert taking at most ceil(P / its level's experts) products, so
+    that the range uses every expert its product count allows (the products would otherwise all pick the experts
+    that happened to lead early). One expert per level also makes folding exact: within a level the fused map
+    weighs the selected experts by their routing weights renormalised over the level, which for a single expert
+    is 1 on every image, where two experts of one level would share it by a ratio that moves from image to image.
+    Otherwise: each product's top-k."""
+    levels = torch.unique(level_of_expert)
+    if top_k != len(levels):
+        return torch.zeros_like(product_mean).scatter(1, product_mean.topk(top_k, dim=1).indices, 1.0)
+    chosen = torch.zeros_like(product_mean)
+    products = len(product_mean)
+    for level in levels:
+        members = torch.nonzero(level_of_expert == level).flatten()
+        capacity = -(-products // len(members))
+        load = [0] * len(members)
+        assigned = [False] * products
+        for flat in product_mean[:, members].flatten().argsort(descending=True).tolist():
+            p, j = divmod(flat, len(members))
+            if not assigned[p] and load[j] < capacity:
+                chosen[p, members[j]] = 1.0
+                assigned[p], load[j] = True, load[j] + 1
+    return chosen
+
+
+def product_consistency(
+    logits: torch.Tensor, product: torch.Tensor, top_k: int, margin: float, level_of_expert: torch.Tensor
+) -> torch.Tensor:
+    """What makes the router specialise by product over a range of them: router logits [N, E] of training images,
+    each image's product index [N], each expert's level index [E] -> a hinge loss, zero once every image's top-k
+    logits are its product's expert set with ``margin`` to spare.
+
+    A product's set is chosen from its images' mean logits (``product_sets``), held fixed in each step, so the
+    products choose their sets through the routed reconstruction and the balancing, and this term only makes each
+    product keep its choice; an image is penalised by how far its lowest logit in the set is from clearing its
+    highest logit outside it by ``margin``. The product is never the router's input: it decides from the image
+    alone, and the margin is what lets a product's held-out images route as its training images do.
+    """
+    one_hot = torch.nn.functional.one_hot(product).to(logits.dtype)  # [N, P]
+    product_mean = (one_hot.T @ logits.detach()) / one_hot.sum(dim=0).unsqueeze(1)  # [P, E]
+    chosen = product_sets(product_mean, top_k, level_of_expert)[product]  # [N, E]
+    # 1e4 rather than inf: the masked logits drop out of the min and the max and stay finite.
+    lowest_inside = (logits + (1.0 - chosen) * 1e4).min(dim=1).values
+    highest_outside = (logits - chosen * 1e4).max(dim=1).values
+    return torch.relu(margin - (lowest_inside - highest_outside)).mean()

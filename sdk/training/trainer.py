@@ -16,16 +16,18 @@ import torch
 from tqdm.auto import tqdm
 
 from amoe_sdk.config import AmoeConfig
-from amoe_sdk.data.layouts import read_dataset
+from amoe_sdk.data.layouts import Dataset
+from amoe_sdk.data.products import describe_roots, read_products
+from amoe_sdk.errors import DataError
 from amoe_sdk.models.components import kmeans
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
-from amoe_sdk.models.routing import selection_summary
+from amoe_sdk.models.routing import product_routing, selection_summary
 from amoe_sdk.training.composition import fit_composition
 from amoe_sdk.training.data import load_images, split_train_val
 from amoe_sdk.training.engine import RunLoop, StepFunction, find_resumable
 from amoe_sdk.training.fusion import calibrate_level_weights, choose_map_levels, pseudo_anomaly_sets
-from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, routed_reconstruction
+from amoe_sdk.training.losses import ClubEstimator, expert_selection_balancing, product_consistency, routed_reconstruction
 from amoe_sdk.training.resume import check_batch_fits, check_resumable
 from amoe_sdk.training.whitening import choose_colour, choose_memory, choose_whitening, fit_residual_statistics
 
@@ -166,17 +168,28 @@ def eir_estimators(model: AnomalyMoE, config: AmoeConfig) -> torch.nn.ModuleDict
 def training_step(
     model: AnomalyMoE, config: AmoeConfig, features: EncoderFeatures, images: torch.Tensor, generator: torch.Generator,
     optimizer: torch.optim.Optimizer, estimators: torch.nn.ModuleDict, estimator_optimizer: torch.optim.Optimizer | None,
+    product: torch.Tensor | None = None,
 ) -> StepFunction:
     """The AnomalyMoE step on cached encoder features of uint8 ``images`` [N, 3, S, S]: routed reconstruction, the
     router's own reconstruction term, Expert Information Repulsion (CLUB, alternating with its estimators) and
-    Expert Selection Balancing."""
+    Expert Selection Balancing. With ``product`` [N] (each image's product index, over a range of products), each
+    product fills an equal share of the batches whatever its image count, and the router gets the product
+    consistency term on every training image."""
     level_of_expert = torch.tensor([LEVELS.index(level) for level in model.expert_levels])
     level_scales = torch.tensor([1.0, config.loss.component_scale, config.loss.global_scale])[level_of_expert]
     expert_index = {level: [e for e, l in enumerate(model.expert_levels) if l == level] for level in LEVELS}
     lc = config.loss
+    specialise = product is not None and model.router is not None
+    if product is not None:
+        draw_weight = 1.0 / torch.bincount(product).double()[product]
+
+    def draw_batch() -> torch.Tensor:
+        if product is None:
+            return torch.randint(len(images), (config.train.batch_size,), generator=generator)
+        return torch.multinomial(draw_weight, config.train.batch_size, replacement=True, generator=generator)
 
     def step(_: int) -> dict[str, float]:
-        batch = torch.randint(len(images), (config.train.batch_size,), generator=generator)
+        batch = draw_batch()
         logits, weights, outputs = model.run_experts(
             features.select(batch), images[batch].float(), with_loss=True,
             easy_fraction=lc.hard_mining_easy_fraction, easy_scale=lc.hard_mining_easy_scale,
@@ -194,6 +207,12 @@ def training_step(
             eir = eir + estimator.upper_bound(x, y)
             pairs.append((estimator, x.detach(), y.detach()))
         total = rec + lc.router_weight * router_rec + lc.eir_weight * eir + lc.esb_weight * esb
+        consistency = torch.zeros(())
+        if specialise:
+            # Every training image, not the batch: the router is small and a batch holds a product once or twice.
+            logits_all = model.router(features.descriptor)[0]
+            consistency = product_consistency(logits_all, product, model.router.top_k, lc.product_margin, level_of_expert)
+            total = total + lc.product_consistency_weight * consistency
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), config.train.grad_clip)
@@ -204,19 +223,75 @@ def training_step(
             (-sum(est.log_likelihood(x, y) for est, x, y in pairs)).backward()
             estimator_optimizer.step()
         per_level = {f"rec_{level}": expert_losses[:, idx].mean().item() for level, idx in expert_index.items() if idx}
-        return {"total": total.item(), "rec": rec.item(), "router": router_rec.item(), "eir": eir.item(), "esb": esb.item(), **per_level, **esb_parts}
+        losses = {"total": total.item(), "rec": rec.item(), "router": router_rec.item(), "eir": eir.item(), "esb": esb.item(), **per_level, **esb_parts}
+        return {**losses, "consistency": consistency.item()} if specialise else losses
 
     return step
 
 
-def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume: bool = True, show_progress: bool = True) -> TrainResult:
-    """Train on the normal images of ``data_root`` and write ``out_dir/model.pt``; resumes from ``out_dir/last.pt``."""
+def product_split(product: Dataset, config: AmoeConfig, several: bool) -> tuple[list[Path], list[Path]]:
+    """One product's seeded train / validation split; over a range, a product too small to split names itself."""
+    tc = config.train
+    try:
+        return split_train_val(product.train, tc.val_fraction, tc.min_val_images, tc.seed)
+    except DataError as exc:
+        if not several:
+            raise
+        raise DataError(f"product {product.name} ({product.root}): {exc}") from None
+
+
+@torch.no_grad()
+def calibrate_products(
+    model: AnomalyMoE, products: list[Dataset], splits: list[tuple[list[Path], list[Path]]], train: EncoderFeatures,
+    val: EncoderFeatures, train_images: torch.Tensor, val_images: torch.Tensor, config: AmoeConfig,
+) -> dict[str, dict]:
+    """``calibrate_after_training`` once per product, on its own training and held-out images (the features and
+    images of every product, in ``splits`` order), each from the trained state.
+
+    -> per product: its folder, images, calibration record, routing on its held-out normals (``product_routing``)
+    and ``state``, the entries of the state dict its calibration changed. The model is left as trained (no
+    product's calibration): ``checkpoint.load_detector(run, product)`` lays a product's ``state`` over it."""
+    trained = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    records: dict[str, dict] = {}
+    train_start = val_start = 0
+    for product, (train_paths, val_paths) in zip(tqdm(products, desc="calibrate", unit="product", leave=False), splits):
+        in_train = slice(train_start, train_start + len(train_paths))
+        in_val = slice(val_start, val_start + len(val_paths))
+        train_start, val_start = in_train.stop, in_val.stop
+        model.load_state_dict(trained)
+        calibration = calibrate_after_training(
+            model, train.select(in_train), val.select(in_val), train_images[in_train], val_images[in_val], config
+        )
+        records[product.name] = {
+            "data_root": str(product.root),
+            "train_images": [str(p) for p in train_paths],
+            "val_images": [str(p) for p in val_paths],
+            "calibration": calibration,
+            "routing": product_routing(model, val.select(in_val)),
+            "state": {name: t.clone() for name, t in model.state_dict().items() if not torch.equal(t, trained[name])},
+        }
+    model.load_state_dict(trained)
+    return records
+
+
+def train(
+    data: str | Path | list[str | Path], out_dir: str | Path, config: AmoeConfig, resume: bool = True, show_progress: bool = True
+) -> TrainResult:
+    """Train on the normal images of ``data`` and write ``out_dir/model.pt``; resumes from ``out_dir/last.pt``.
+
+    ``data``: a category or a plain folder (one product), a folder of categories or a list of them (a range of
+    products, ``data/products.py``): one detector over all of them, its router trained to specialise by product and
+    its calibration measured per product (``calibrate_products``)."""
     started = time.time()
     out_dir = Path(out_dir)
     tc = config.train
     seed_everything(tc.seed)
-    dataset = read_dataset(data_root)
-    train_paths, val_paths = split_train_val(dataset.train, tc.val_fraction, tc.min_val_images, tc.seed)
+    products = read_products(data if isinstance(data, (list, tuple)) else [data])
+    several = len(products) > 1
+    data_root = describe_roots(products)
+    splits = [product_split(product, config, several) for product in products]
+    train_paths = [path for paths, _ in splits for path in paths]
+    val_paths = [path for _, paths in splits for path in paths]
     check_batch_fits(tc.batch_size, train_paths, data_root)
     # A run folder is resumed only for the same setup on the same images: checked before any image is read.
     resume_from, saved = find_resumable(out_dir, resume)
@@ -238,14 +313,20 @@ def train(data_root: str | Path, out_dir: str | Path, config: AmoeConfig, resume
     run = RunLoop(
         out_dir, model, config, optimizer, generator, (train_paths, val_paths, data_root),
         {"estimators": estimators, "estimator_optimizer": estimator_optimizer}, "train", show_progress,
+        checkpoint_extra={"product_names": [p.name for p in products]} if several else {},
     )
     run.restore(saved)
     model.train()
-    step = training_step(model, config, train_features, train_images, generator, optimizer, estimators, estimator_optimizer)
-    losses = run.run(step, postfix={"rec": ".4f", "eir": ".3f", "esb": ".3f"})
+    product = torch.tensor([i for i, (paths, _) in enumerate(splits) for _ in paths]) if several else None
+    step = training_step(model, config, train_features, train_images, generator, optimizer, estimators, estimator_optimizer, product)
+    postfix = {"rec": ".4f", "eir": ".3f", "esb": ".3f", **({"consistency": ".3f"} if several and model.router is not None else {})}
+    losses = run.run(step, postfix=postfix)
 
-    calibration = calibrate_after_training(model, train_features, val_features, train_images, val_images, config)
+    if several:
+        finished = {"products": calibrate_products(model, products, splits, train_features, val_features, train_images, val_images, config)}
+    else:
+        finished = {"calibration": calibrate_after_training(model, train_features, val_features, train_images, val_images, config)}
     with torch.no_grad():
         usage = selection_summary(model, model.route(train_features.descriptor, len(train_features.taps))[1])
-    final = run.finish({"calibration": calibration, "routing_usage": usage, "train_seconds": time.time() - started})
+    final = run.finish({**finished, "routing_usage": usage, "train_seconds": time.time() - started})
     return TrainResult(final, tc.steps, time.time() - started, losses)
