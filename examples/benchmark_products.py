@@ -28,7 +28,7 @@ from amoe_sdk.converters.convert import ConvertOptions, convert
 from amoe_sdk.converters.verify import verify
 from amoe_sdk.data.layouts import read_dataset
 from amoe_sdk.errors import ParityError
-from amoe_sdk.runtimes.bundle import REPORT_NAME
+from amoe_sdk.runtimes.bundle import REPORT_NAME, read_bundle
 from amoe_sdk.evaluation.evaluate import evaluate
 from amoe_sdk.models.routing import count_cost
 from amoe_sdk.outputs import atomic_write_text
@@ -69,8 +69,8 @@ def measure_category(category: Path, range_run: Path, per_product_run: Path, arg
     except ParityError:  # a result too: the report says by how much
         parity = json.loads((folded_bundle / REPORT_NAME).read_text())
     result = {
-        "per_product": {**per_product, "mb": bundle_accuracy(per_bundle, samples[:1], args.threads)["mb"]},
-        "dense": {**dense, "mb": bundle_accuracy(dense_bundle, samples[:1], args.threads)["mb"]},
+        "per_product": {**per_product, "mb": read_bundle(per_bundle).size_mb()},
+        "dense": {**dense, "mb": read_bundle(dense_bundle).size_mb()},
         "folded": {
             "image_auroc": folded_accuracy["image"], "pixel_auroc": folded_accuracy["pixel"], "gflops": folding["gflops_after"],
             "mb": folded_accuracy["mb"], "agreement": folding["agreement"], "kept": folding["kept"],

@@ -119,10 +119,11 @@ def read_bundle(root: str | Path) -> Bundle:
 PRODUCTS_NAME = "products.json"
 
 
-def product_bundle(root: str | Path, product: str | None) -> Path:
-    """The bundle folder to open for ``product``: in a range bundle (``products.json``), that product's; a plain
-    bundle is its own, and a ``product`` given for it must be the one it was converted for. A range bundle without
-    ``product``, or with one it lacks, is a BundleError listing its products: there is no default product."""
+def read_product_bundle(root: str | Path, product: str | None) -> Bundle:
+    """``read_bundle`` of the bundle to open for ``product``: in a range bundle (``products.json``), that
+    product's; a plain bundle is its own, and a ``product`` given for it must be the one it was converted for. A
+    range bundle without ``product``, or with one it lacks, is a BundleError listing its products: there is no
+    default product."""
     root = Path(root)
     index_path = root / PRODUCTS_NAME
     if index_path.is_file():
@@ -136,10 +137,10 @@ def product_bundle(root: str | Path, product: str | None) -> Path:
                 f"{root} holds one bundle per product ({', '.join(products)}) and {given}: open it with "
                 "EdgeDetector(bundle, product=NAME) (--product NAME on the command line)"
             )
-        return member_path(root, products[product], f"products.{product}")
-    if product is not None and (root / MANIFEST_NAME).is_file():
-        converted_for = read_bundle(root).manifest.source.product
-        if converted_for != product:
-            what = f"for product {converted_for!r}" if converted_for else "from a detector of one product"
-            raise BundleError(f"bundle {root} was converted {what}, not {product!r}; open it without product= or pass its own")
-    return root
+        return read_bundle(member_path(root, products[product], f"products.{product}"))
+    bundle = read_bundle(root)
+    converted_for = bundle.manifest.source.product
+    if product is not None and converted_for != product:
+        what = f"for product {converted_for!r}" if converted_for else "from a detector of one product"
+        raise BundleError(f"bundle {root} was converted {what}, not {product!r}; open it without product= or pass its own")
+    return bundle

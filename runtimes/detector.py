@@ -18,7 +18,7 @@ import numpy as np
 
 from amoe_sdk.errors import ConfigError, InputError
 from amoe_sdk.runtimes.backends import create_backend
-from amoe_sdk.runtimes.bundle import product_bundle, read_bundle
+from amoe_sdk.runtimes.bundle import read_product_bundle
 from amoe_sdk.runtimes.preprocess import check_frame, heat_map_overlay, map_to_frame, pad_batch, resize_to_input
 from amoe_sdk.typed import in_range
 
@@ -101,7 +101,7 @@ class EdgeDetector:
             raise ConfigError("pass threshold or sensitivity, not both")
         if threshold is not None:
             check_threshold(threshold)
-        self.bundle = read_bundle(product_bundle(bundle, product))
+        self.bundle = read_product_bundle(bundle, product)
         calibrated = self.bundle.manifest.threshold
         chosen_sensitivity = calibrated.sensitivity if sensitivity is None else sensitivity
         self.threshold = float(threshold) if threshold is not None else effective_threshold(calibrated.image, chosen_sensitivity)

@@ -200,10 +200,9 @@ def _product_summary(products: dict) -> dict:
 
 
 def _info_bundle(args: argparse.Namespace) -> int:
-    from amoe_sdk.runtimes.bundle import PRODUCTS_NAME, REPORT_NAME, product_bundle, read_bundle
+    from amoe_sdk.runtimes.bundle import PRODUCTS_NAME, REPORT_NAME, read_bundle, read_product_bundle
 
-    def describe(root: Path) -> dict:
-        bundle = read_bundle(root)
+    def describe(bundle) -> dict:
         summary = bundle.manifest.to_dict()
         report = bundle.root / REPORT_NAME
         summary["parity_report"] = json.loads(report.read_text()) if report.is_file() else "not verified yet: run amoe verify"
@@ -212,9 +211,9 @@ def _info_bundle(args: argparse.Namespace) -> int:
     index = Path(args.path) / PRODUCTS_NAME
     if index.is_file():  # a range bundle: each product's bundle
         names = json.loads(index.read_text())["products"]
-        summary = {"products": {name: describe(product_bundle(args.path, name)) for name in names}}
+        summary = {"products": {name: describe(read_product_bundle(args.path, name)) for name in names}}
     else:
-        summary = describe(Path(args.path))
+        summary = describe(read_bundle(args.path))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
