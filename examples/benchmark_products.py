@@ -2,7 +2,8 @@
 
 Usage: python examples/benchmark_products.py DATA_DIR [--categories kit pins ...] [--range-run runs/range]
                                              [--per-product-runs runs] [--bundles bundles/products] [--threads 2]
-                                             [--no-latency] [--json-out products.json]
+                                             [--no-per-product] [--no-latency] [--latency-runs 90] [--rounds 3]
+                                             [--json-out products.json]
 
 Trains (where no finished run is there) one AnomalyMoE over every category of DATA_DIR with the default config
 (``amoe train --data DATA_DIR``) and one per category (``amoe train --data DATA_DIR/<category>``). Then, per
@@ -11,7 +12,8 @@ range's folded bundle for that product (``amoe convert --product NAME --routing 
 routing agreement on the product's held-out normals, its AUROCs through the backend and its parity with the dense
 range model, ``amoe verify``), each one's GFLOPs and bundle size, and the p50 of the backend call at batch 1 with
 ``--threads`` threads for the per-product, the dense range and the folded bundles, each alone in its own process
-in alternating rounds (measured in one run, so comparable with each other only).
+in alternating rounds (measured in one run, so comparable with each other only). ``--no-per-product`` leaves
+the per-product models out: the range's two bundles alone.
 """
 
 import argparse
@@ -35,9 +37,6 @@ from amoe_sdk.outputs import atomic_write_text
 from amoe_sdk.training.trainer import train
 from bench_common import bundle_accuracy, isolated_latency
 
-LATENCY_RUNS = 90
-
-
 def finished_run(data, run: Path) -> Path:
     """``run``, trained with the default config on ``data`` where it holds no finished run."""
     if not (run / "model.pt").is_file():
@@ -53,12 +52,10 @@ def torch_metrics(run: Path, category: Path, product: str | None) -> dict:
             "train_seconds": payload.get("train_seconds")}
 
 
-def measure_category(category: Path, range_run: Path, per_product_run: Path, args) -> dict:
+def measure_category(category: Path, range_run: Path, per_product_run: Path | None, args) -> dict:
     name = category.name
     bundles = args.bundles / name
-    per_product = torch_metrics(per_product_run, category, None)
     dense = torch_metrics(range_run, category, name)
-    per_bundle = convert(per_product_run, bundles / "per-product", ConvertOptions(target="intel"))
     dense_bundle = convert(range_run, bundles / "range-dense", ConvertOptions(target="intel", product=name))
     folded_bundle = convert(range_run, bundles / "range-folded", ConvertOptions(target="intel", product=name, routing="folded"))
     samples = read_dataset(category, require_test=True).test
@@ -69,7 +66,6 @@ def measure_category(category: Path, range_run: Path, per_product_run: Path, arg
     except ParityError:  # a result too: the report says by how much
         parity = json.loads((folded_bundle / REPORT_NAME).read_text())
     result = {
-        "per_product": {**per_product, "mb": read_bundle(per_bundle).size_mb()},
         "dense": {**dense, "mb": read_bundle(dense_bundle).size_mb()},
         "folded": {
             "image_auroc": folded_accuracy["image"], "pixel_auroc": folded_accuracy["pixel"], "gflops": folding["gflops_after"],
@@ -77,9 +73,14 @@ def measure_category(category: Path, range_run: Path, per_product_run: Path, arg
             "verify_passed": parity["passed"], "against_dense": parity["dense"],
         },
     }
+    timed = {"dense": dense_bundle, "folded": folded_bundle}
+    if per_product_run is not None:
+        per_bundle = convert(per_product_run, bundles / "per-product", ConvertOptions(target="intel"))
+        result["per_product"] = {**torch_metrics(per_product_run, category, None), "mb": read_bundle(per_bundle).size_mb()}
+        timed = {"per_product": per_bundle, **timed}
     if args.latency:
-        timings = isolated_latency([per_bundle, dense_bundle, folded_bundle], category / "train" / "good", LATENCY_RUNS, args.threads)
-        for key, (p50, _) in zip(("per_product", "dense", "folded"), timings):
+        timings = isolated_latency(list(timed.values()), category / "train" / "good", args.latency_runs, args.threads, args.rounds)
+        for key, (p50, _) in zip(timed, timings):
             result[key]["p50_ms"] = p50
     return result
 
@@ -90,12 +91,16 @@ def print_table(results: dict) -> None:
     labels = {"per_product": "per-product", "dense": "range, dense", "folded": "range, folded"}
     for name, by_model in results.items():
         for key, label in labels.items():
+            if key not in by_model:
+                continue
             r = by_model[key]
             latency = f"{r['p50_ms']:.1f}" if "p50_ms" in r else "not measured"
             agreement = f"{r['agreement']:.0%} ({' + '.join(r['kept'])})" if "agreement" in r else ""
             print(f"| {name} | {label} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['gflops']:.2f} | {r['mb']:.1f} | "
                   f"{latency} | {agreement} |")
     for key, label in labels.items():
+        if any(key not in r for r in results.values()):
+            continue
         image = np.mean([r[key]["image_auroc"] for r in results.values()])
         pixel = np.mean([r[key]["pixel_auroc"] for r in results.values()])
         print(f"mean {label}: image {image:.3f}, pixel {pixel:.3f}")
@@ -109,7 +114,11 @@ def main() -> int:
     parser.add_argument("--per-product-runs", type=Path, default=Path("runs"), help="PER_PRODUCT_RUNS/<category> (trained when missing)")
     parser.add_argument("--bundles", type=Path, default=Path("bundles/products"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-per-product", dest="per_product", action="store_false",
+                        help="measure the range's dense and folded models only, not one model per product")
     parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency column")
+    parser.add_argument("--latency-runs", type=int, default=90, help="backend calls per bundle, split over the rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds, each bundle in a fresh process")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,7 +130,7 @@ def main() -> int:
         return 2
     results = {}
     for name in names:
-        per_product_run = finished_run(args.data / name, args.per_product_runs / name)
+        per_product_run = finished_run(args.data / name, args.per_product_runs / name) if args.per_product else None
         results[name] = measure_category(args.data / name, range_run, per_product_run, args)
         print(f"done {name}", file=sys.stderr, flush=True)
         if args.json_out:  # after every category: an interrupted run keeps what it measured

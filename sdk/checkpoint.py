@@ -170,6 +170,8 @@ def load_detector(path: str | Path, product: str | None = None):
         unfitted_buffers.add("memory_gain")
     if before_colour:
         unfitted_buffers.add("colour_gain")
+    if "assigner.prototypes" in state and "assigner.slot_offset" not in state:
+        unfitted_buffers.add("slot_offset")  # written before slot groups: every slot open
     if unfitted_buffers:
         state = {**state, **{k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in unfitted_buffers}}
     try:

@@ -89,15 +89,26 @@ class ComponentExpertConfig:
     an image's areas from them, in units of the spread of the expert's own map on normal images times this gain (a
     missing, extra or oversized part changes how much of the image its component covers, and no single position
     shows it). Default 1; 0: off.
+
+    ``slot_groups``: set by the trainer, not by hand: over a range of products, each product gets ``num_slots``
+    prototypes of its own, fitted on its own images, and its images are assigned among those alone (the closed
+    slots are part of the product's calibration), so the model has ``num_slots * slot_groups`` slots. Fitted over
+    the mixed range, k-means spent the slots on what tells products apart, and a tray of pins shared its slots with
+    the kit's and the washer's (the measurements are in the README).
     """
 
     num_experts: int = 2
     num_slots: int = 6
+    slot_groups: int = 1
     hidden_dim: int = 256
     code_dim: int = 64
     area_weight: float = 4.0
     kmeans_iters: int = 30
     composition_gain: float = 1.0
+
+    @property
+    def total_slots(self) -> int:
+        return self.num_slots * self.slot_groups
 
 
 @dataclass
@@ -195,11 +206,20 @@ class LossConfig:
     product_margin: float = 1.0
 
 
+SINGLE_PRODUCT_STEPS = 800
+RANGE_STEPS = 1600
+
+
 @dataclass
 class TrainConfig:
-    """The optimisation. ``val_fraction`` of the normal training images is held out to calibrate the maps."""
+    """The optimisation. ``val_fraction`` of the normal training images is held out to calibrate the maps.
 
-    steps: int = 800
+    ``steps`` left unset: ``SINGLE_PRODUCT_STEPS`` for one product, ``RANGE_STEPS`` for a range of products, where
+    each product fills only its share of the batches and the experts it shares must learn every product they serve
+    (the measurements are in the README); the trainer writes the number it used into the checkpoint's config.
+    """
+
+    steps: int | None = None
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -367,6 +387,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "model.patch.memory_size": (0, None, False),
     "model.component.num_experts": (0, None, False),
     "model.component.num_slots": (1, None, False),
+    "model.component.slot_groups": (1, None, False),
     "model.component.hidden_dim": (1, None, False),
     "model.component.code_dim": (1, None, False),
     "model.component.area_weight": (0, None, False),

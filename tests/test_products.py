@@ -12,14 +12,17 @@ import torch
 
 from amoe_sdk.checkpoint import load_detector, read_checkpoint
 from amoe_sdk.cli.main import main
+from amoe_sdk.config import RANGE_STEPS, SINGLE_PRODUCT_STEPS, load_config
 from amoe_sdk.converters.convert import ConvertOptions, convert
 from amoe_sdk.converters.range_bundle import convert_products
 from amoe_sdk.converters.verify import verify
+from amoe_sdk.data.images import read_image, resize_to_input
 from amoe_sdk.data.products import read_products
 from amoe_sdk.errors import BundleError, CheckpointError, ConversionError, DataError, UsageError
 from amoe_sdk.runtimes import EdgeDetector
 from amoe_sdk.training.losses import product_consistency, product_sets
-from amoe_sdk.training.trainer import train
+from amoe_sdk.training.data import load_images
+from amoe_sdk.training.trainer import config_for_products, train
 from tests.conftest import tiny_config
 
 RANGE = ("washer", "weave")
@@ -96,6 +99,60 @@ def test_the_router_specialises_by_product_and_every_expert_is_used(range_run):
     for name, record in payload["products"].items():
         assert record["routing"]["agreement"] >= 0.95, (name, record["routing"])
     assert min(payload["routing_usage"]["selected_share"]) > 0
+
+
+def test_each_product_gets_its_own_tap_statistics_and_component_slots(range_run, product_root):
+    payload = read_checkpoint(range_run)
+    component = payload["config"]["model"]["component"]
+    per_product = tiny_config().model.component.num_slots
+    assert (component["num_slots"], component["slot_groups"]) == (per_product, len(RANGE))
+    means = {}
+    for index, name in enumerate(RANGE):
+        model, _ = load_detector(range_run, name)
+        # The taps' statistics of the product's own training images, as a detector of that product alone has them.
+        train_images = load_images(payload["products"][name]["train_images"], model.config.input_size)
+        with torch.no_grad():
+            taps = model.encode(train_images.float()).taps
+        assert torch.allclose(model.feature_mean, taps.mean(dim=(0, 2, 3)), atol=1e-4)
+        assert torch.allclose(model.feature_std, taps.std(dim=(0, 2, 3)).clamp_min(1e-3), atol=1e-4)
+        means[name] = model.feature_mean
+        own = slice(index * per_product, (index + 1) * per_product)
+        assert model.assigner.prototypes.shape[0] == per_product * len(RANGE)
+        open_slots = model.assigner.slot_offset == 0
+        assert open_slots[own].all() and open_slots.sum() == per_product
+        # Every position of the product's images falls on its own slots, never on the other product's.
+        shares = payload["products"][name]["calibration"]["composition"]["normal_area_share"]
+        assert sum(shares[own]) == pytest.approx(1.0), (name, shares)
+        test_image = next(iter(read_products([product_root / name], require_test=True)[0].test)).image_path
+        frame = resize_to_input(read_image(test_image), model.config.input_size)
+        with torch.no_grad():
+            features = model.encode(torch.from_numpy(frame).permute(2, 0, 1)[None].float())
+            slots = model.assigner(model.standardise(features.taps), features.components)
+        assert slots.areas[0, own].sum() == pytest.approx(1.0)
+    assert not torch.allclose(*means.values(), atol=1e-2)
+
+
+def test_a_range_trains_longer_by_default_and_an_explicit_step_count_is_kept():
+    single, ranged = config_for_products(load_config(), 1), config_for_products(load_config(), 6)
+    assert (single.train.steps, single.model.component.slot_groups) == (SINGLE_PRODUCT_STEPS, 1)
+    assert (ranged.train.steps, ranged.model.component.slot_groups) == (RANGE_STEPS, 6)
+    assert RANGE_STEPS > SINGLE_PRODUCT_STEPS
+    assert config_for_products(load_config(overrides={"train.steps": 50}), 6).train.steps == 50
+    assert load_config().train.steps is None  # resolved by the trainer, not by reading the config
+
+
+def test_a_range_checkpoint_from_before_slot_groups_loads_with_every_slot_open(range_run, tmp_path):
+    payload = read_checkpoint(range_run)
+    old_products = {
+        name: {**record, "state": {k: v for k, v in record["state"].items() if k != "assigner.slot_offset"}}
+        for name, record in payload["products"].items()
+    }
+    state = {k: v for k, v in payload["state_dict"].items() if k != "assigner.slot_offset"}
+    assert len(state) == len(payload["state_dict"]) - 1  # written with them
+    old = tmp_path / "old.pt"
+    torch.save({**{k: v for k, v in payload.items() if k != "path"}, "state_dict": state, "products": old_products}, old)
+    model, _ = load_detector(old, "washer")
+    assert torch.equal(model.assigner.slot_offset, torch.zeros_like(model.assigner.slot_offset))
 
 
 def test_each_product_keeps_its_own_calibration_and_a_range_has_no_default(range_run):

@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "detector for all); repeat --data A --data B to name the categories one by one")
     tr.add_argument("--out", required=True, type=Path, help="run folder for checkpoints, config.yaml and history.json")
     tr.add_argument("--config", type=Path, help="YAML config; missing keys keep their defaults (see RUN/config.yaml of any run)")
-    tr.add_argument("--steps", type=int, help="optimisation steps (default from the config: 800)")
+    tr.add_argument("--steps", type=int, help="optimisation steps (default from the config: 800 for one product, 1600 for a range)")
     tr.add_argument("--seed", type=int, help="random seed (default from the config: 0)")
     tr.add_argument("--encoder-weights", help="local weights file for a DINOv2 encoder (or a Lite0 .pth to override the embedded one)")
     tr.add_argument("--no-resume", action="store_true", help="start over even when RUN/last.pt exists")

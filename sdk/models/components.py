@@ -14,6 +14,15 @@ import torch.nn.functional as F
 
 from amoe_sdk.models.layers import standardise_taps
 
+# The offset of a closed slot: far below any score a position has for an open one, and finite in FP16.
+SLOT_CLOSED = -1e4
+
+
+def group_slot_offsets(groups: int, slots_per_group: int) -> torch.Tensor:
+    """[groups, groups * slots_per_group]: row g opens group g's slots (0) and closes the others (``SLOT_CLOSED``)."""
+    own = torch.eye(groups).repeat_interleave(slots_per_group, dim=1)
+    return (1.0 - own) * SLOT_CLOSED
+
 
 @dataclass
 class ComponentSlots:
@@ -35,7 +44,8 @@ class ComponentAssigner(nn.Module):
     Each position of the component grid (A x A, a whole multiple of the token grid G; the token grid itself when
     ``components`` is None) goes to its nearest prototype; a slot's feature is the mean of the tokens it covers,
     weighted by how much of each cell it covers. Centroids are kept because a component in the wrong place (two
-    parts swapped) has normal features and a normal area: only its position gives it away.
+    parts swapped) has normal features and a normal area: only its position gives it away. ``slot_offset`` [K]
+    closes slots (``SLOT_CLOSED``): over a range of products, each product's positions go to its own slots only.
     """
 
     def __init__(self, num_slots: int, channels: int, grid_size: int, component_channels: int | None = None, component_grid: int | None = None):
@@ -47,6 +57,8 @@ class ComponentAssigner(nn.Module):
         self.grid_size = grid_size
         self.component_grid = component_grid
         self.register_buffer("prototypes", torch.zeros(num_slots, component_channels))
+        # 0 for an open slot, SLOT_CLOSED for one no position may go to: a product's calibration.
+        self.register_buffer("slot_offset", torch.zeros(num_slots))
         # Per-channel statistics of the component taps on normal training images (identity on the main tokens,
         # which are standardised already).
         self.register_buffer("component_mean", torch.zeros(component_channels))
@@ -69,11 +81,13 @@ class ComponentAssigner(nn.Module):
         deviation = areas.sqrt() - self.area_mean
         return (deviation @ self.area_precision) * deviation
 
-    def forward(self, tokens: torch.Tensor, components: torch.Tensor | None = None) -> ComponentSlots:
+    def forward(self, tokens: torch.Tensor, components: torch.Tensor | None = None, slot_offset: torch.Tensor | None = None) -> ComponentSlots:
+        """``slot_offset``: [B, K], each image's own (training over a range); by default the buffer's, [K]."""
         b = tokens.shape[0]
         assign = self.assignment_tokens(tokens, components)
+        offset = (self.slot_offset if slot_offset is None else slot_offset).view(-1, 1, self.prototypes.shape[0])
         # Squared distance up to the per-token constant ||x||^2, which does not change the argmin.
-        scores = assign @ self.prototypes.t() * 2.0 - (self.prototypes**2).sum(dim=1)  # [B, M, K]
+        scores = assign @ self.prototypes.t() * 2.0 - (self.prototypes**2).sum(dim=1) + offset  # [B, M, K]
         nearest = scores.argmax(dim=-1, keepdim=True)  # [B, M, 1]
         onehot = (nearest == self.slot_ids).to(tokens.dtype).transpose(1, 2)  # [B, K, M]
         counts = onehot.sum(dim=2)  # [B, K]

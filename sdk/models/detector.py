@@ -25,6 +25,17 @@ LEVELS = ("patch", "component", "global")
 
 
 @dataclass
+class ProductBuffers:
+    """Each image's own copy [B, ...] of the buffers a range's products calibrate, for training over a range, where
+    one batch mixes products: ``feature_mean`` and ``feature_std`` [B, C], the taps' statistics on the image's
+    product, and ``slot_offset`` [B, K], its open component slots (``ComponentAssigner``)."""
+
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    slot_offset: torch.Tensor
+
+
+@dataclass
 class DetectorOutput:
     """``anomaly_map``: [B, 1, S, S] normalised map at the input size (fused with ``map_level_weights``);
     ``score``: [B] image scores (the top-percent mean of the map fused with ``level_weights``);
@@ -87,7 +98,7 @@ class AnomalyMoE(nn.Module):
         self.uses_memory = self.patch_memory is not None
         self.uses_colour = self.colour is not None
         self.assigner = ComponentAssigner(
-            config.component.num_slots, channels, grid, self.encoder.component_channels, self.encoder.component_grid
+            config.component.total_slots, channels, grid, self.encoder.component_channels, self.encoder.component_grid
         )
         self.component_experts = nn.ModuleList(
             ComponentExpert(config.component, channels) for _ in range(config.component.num_experts)
@@ -179,9 +190,16 @@ class AnomalyMoE(nn.Module):
         with_loss: bool = False,
         easy_fraction: float = 0.9,
         easy_scale: float = 0.1,
+        product_buffers: ProductBuffers | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[ExpertOutput]]:
-        """All experts on one batch -> (router logits [B, E], routing weights [B, E], outputs in expert order)."""
-        tokens = self.standardise(features.taps)
+        """All experts on one batch -> (router logits [B, E], routing weights [B, E], outputs in expert order).
+        ``product_buffers``: each image's product's statistics and component slots, for training over a range; by
+        default the model's own."""
+        if product_buffers is None:
+            tokens, slot_offset = self.standardise(features.taps), None
+        else:
+            tokens = standardise_taps(features.taps, product_buffers.feature_mean, product_buffers.feature_std)
+            slot_offset = product_buffers.slot_offset
         logits, weights = self.route(features.descriptor, tokens.shape[0])
         # Training needs neither: their distances join the maps only, never the losses.
         memory = None if with_loss else self.memory_distances(tokens)
@@ -190,7 +208,7 @@ class AnomalyMoE(nn.Module):
             expert(tokens, easy_fraction if with_loss else None, easy_scale, memory, colour) for expert in self.patch_experts
         ]
         if len(self.component_experts):
-            slots = self.assigner(tokens, features.components)
+            slots = self.assigner(tokens, features.components, slot_offset)
             outputs += [expert(slots, training=with_loss) for expert in self.component_experts]
         if len(self.global_experts):
             b, n, c = tokens.shape

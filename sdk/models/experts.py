@@ -165,12 +165,12 @@ class ComponentExpert(nn.Module):
 
     def __init__(self, config: ComponentExpertConfig, channels: int):
         super().__init__()
-        self.num_slots = config.num_slots
+        self.num_slots = config.total_slots
         self.area_weight = config.area_weight
-        in_dim = channels + 3 + config.num_slots  # feature, sqrt(area), centroid, slot identity
+        in_dim = channels + 3 + self.num_slots  # feature, sqrt(area), centroid, slot identity
         self.encoder = Mlp(in_dim, config.hidden_dim, config.code_dim)
         self.decoder = Mlp(config.code_dim, config.hidden_dim, channels + 3)
-        self.register_buffer("slot_identity", torch.eye(config.num_slots), persistent=False)
+        self.register_buffer("slot_identity", torch.eye(self.num_slots), persistent=False)
         self.register_buffer("composition_scale", torch.zeros(()))
 
     def forward(self, slots: ComponentSlots, training: bool = False) -> ExpertOutput:

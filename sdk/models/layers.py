@@ -16,8 +16,10 @@ FP16_SAFE_EPS = 1e-4
 
 
 def standardise_taps(taps: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """[B, C, G, G] raw taps, per-channel [C] statistics -> [B, N, C] standardised tokens."""
-    x = (taps - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    """[B, C, G, G] raw taps, per-channel statistics [C] (or each image's own, [B, C]) -> [B, N, C] standardised
+    tokens."""
+    channels = taps.shape[1]
+    x = (taps - mean.view(-1, channels, 1, 1)) / std.view(-1, channels, 1, 1)
     return x.flatten(2).transpose(1, 2)
 
 

@@ -6,6 +6,7 @@ each step then costs only the experts and the router.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from dataclasses import dataclass
@@ -15,12 +16,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from amoe_sdk.config import AmoeConfig
+from amoe_sdk.config import RANGE_STEPS, SINGLE_PRODUCT_STEPS, AmoeConfig
 from amoe_sdk.data.layouts import Dataset
 from amoe_sdk.data.products import describe_roots, read_products
 from amoe_sdk.errors import DataError
-from amoe_sdk.models.components import kmeans
-from amoe_sdk.models.detector import LEVELS, AnomalyMoE
+from amoe_sdk.models.components import group_slot_offsets, kmeans
+from amoe_sdk.models.detector import LEVELS, AnomalyMoE, ProductBuffers
 from amoe_sdk.models.encoders import EncoderFeatures
 from amoe_sdk.models.routing import product_routing, selection_summary
 from amoe_sdk.training.composition import fit_composition
@@ -61,10 +62,50 @@ def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return features.mean(dim=(0, 2, 3)), features.std(dim=(0, 2, 3)).clamp_min(1e-3)
 
 
+def config_for_products(config: AmoeConfig, products: int) -> AmoeConfig:
+    """The config ``products`` products train with, and their checkpoint carries: the default number of steps for
+    one product or a range (``TrainConfig``) where ``train.steps`` is unset, and over a range a group of
+    ``component.num_slots`` component slots for each product (``ComponentExpertConfig.slot_groups``)."""
+    resolved = copy.deepcopy(config)
+    if resolved.train.steps is None:
+        resolved.train.steps = RANGE_STEPS if products > 1 else SINGLE_PRODUCT_STEPS
+    if products > 1:
+        resolved.model.component.slot_groups = products
+    return resolved
+
+
+@dataclass
+class RangeBuffers:
+    """What each product of a range calibrates before training, [P, ...]: its taps' per-channel statistics
+    ``feature_mean`` and ``feature_std`` [P, C], and ``slot_offset`` [P, K], its own group of component slots open
+    and the others closed. Each training image is standardised and assigned as its product (``for_images``), and
+    each product's calibration starts from its own (``apply``), so its detector sees its images as a detector
+    trained on that product alone would: over the mixed range, the statistics were the range's, and k-means spent
+    the slots on what tells the products apart (the measurements are in the README)."""
+
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    slot_offset: torch.Tensor
+
+    def for_images(self, product: torch.Tensor) -> ProductBuffers:
+        """Product indices [B] -> each image's own buffers."""
+        return ProductBuffers(self.feature_mean[product], self.feature_std[product], self.slot_offset[product])
+
+    def apply(self, model: AnomalyMoE, index: int) -> None:
+        """Lay product ``index``'s buffers over ``model``'s."""
+        model.feature_mean.copy_(self.feature_mean[index])
+        model.feature_std.copy_(self.feature_std[index])
+        model.assigner.slot_offset.copy_(self.slot_offset[index])
+
+
 @torch.no_grad()
-def fit_feature_statistics(model: AnomalyMoE, train: EncoderFeatures, config: AmoeConfig, generator: torch.Generator) -> None:
+def fit_feature_statistics(
+    model: AnomalyMoE, train: EncoderFeatures, config: AmoeConfig, generator: torch.Generator, product: torch.Tensor | None = None,
+) -> RangeBuffers | None:
     """Per-channel mean / std of the taps (and of the component taps) and the k-means component prototypes, from
-    normal training images."""
+    normal training images. With ``product`` [N] (each image's product index over a range, ``config_for_products``):
+    each product's group of ``num_slots`` prototypes is fitted on its own images, and -> its ``RangeBuffers``
+    (the model keeps the whole range's statistics)."""
     assigner = model.assigner
     mean, std = channel_statistics(train.taps)
     model.feature_mean.copy_(mean)
@@ -74,9 +115,21 @@ def fit_feature_statistics(model: AnomalyMoE, train: EncoderFeatures, config: Am
         assigner.component_mean.copy_(mean)
         assigner.component_std.copy_(std)
     tokens = assigner.assignment_tokens(model.standardise(train.taps), train.components)
-    tokens = tokens.reshape(-1, tokens.shape[-1])
-    sample = tokens[torch.randperm(len(tokens), generator=generator)[:20000]]
-    assigner.prototypes.copy_(kmeans(sample, config.model.component.num_slots, config.model.component.kmeans_iters, generator))
+    component = config.model.component
+    groups = [tokens] if product is None else [tokens[product == p] for p in range(component.slot_groups)]
+    prototypes = []
+    for group in groups:
+        group = group.reshape(-1, group.shape[-1])
+        sample = group[torch.randperm(len(group), generator=generator)[:20000]]
+        prototypes.append(kmeans(sample, component.num_slots, component.kmeans_iters, generator))
+    assigner.prototypes.copy_(torch.cat(prototypes))
+    if product is None:
+        return None
+    statistics = [channel_statistics(train.taps[product == p]) for p in range(component.slot_groups)]
+    return RangeBuffers(
+        torch.stack([m for m, _ in statistics]), torch.stack([s for _, s in statistics]),
+        group_slot_offsets(component.slot_groups, component.num_slots),
+    )
 
 
 @torch.no_grad()
@@ -168,13 +221,14 @@ def eir_estimators(model: AnomalyMoE, config: AmoeConfig) -> torch.nn.ModuleDict
 def training_step(
     model: AnomalyMoE, config: AmoeConfig, features: EncoderFeatures, images: torch.Tensor, generator: torch.Generator,
     optimizer: torch.optim.Optimizer, estimators: torch.nn.ModuleDict, estimator_optimizer: torch.optim.Optimizer | None,
-    product: torch.Tensor | None = None,
+    product: torch.Tensor | None = None, range_buffers: RangeBuffers | None = None,
 ) -> StepFunction:
     """The AnomalyMoE step on cached encoder features of uint8 ``images`` [N, 3, S, S]: routed reconstruction, the
     router's own reconstruction term, Expert Information Repulsion (CLUB, alternating with its estimators) and
     Expert Selection Balancing. With ``product`` [N] (each image's product index, over a range of products), each
-    product fills an equal share of the batches whatever its image count, and the router gets the product
-    consistency term on every training image."""
+    product fills an equal share of the batches whatever its image count, the router gets the product
+    consistency term on every training image, and each image is standardised and assigned to components as its
+    product (``range_buffers``)."""
     level_of_expert = torch.tensor([LEVELS.index(level) for level in model.expert_levels])
     level_scales = torch.tensor([1.0, config.loss.component_scale, config.loss.global_scale])[level_of_expert]
     expert_index = {level: [e for e, l in enumerate(model.expert_levels) if l == level] for level in LEVELS}
@@ -193,6 +247,7 @@ def training_step(
         logits, weights, outputs = model.run_experts(
             features.select(batch), images[batch].float(), with_loss=True,
             easy_fraction=lc.hard_mining_easy_fraction, easy_scale=lc.hard_mining_easy_scale,
+            product_buffers=None if product is None else range_buffers.for_images(product[batch]),
         )
         expert_losses = torch.stack([o.loss for o in outputs], dim=1)  # [B, E]
         rec, router_rec = routed_reconstruction(expert_losses, weights, level_scales, level_of_expert)
@@ -243,22 +298,24 @@ def product_split(product: Dataset, config: AmoeConfig, several: bool) -> tuple[
 @torch.no_grad()
 def calibrate_products(
     model: AnomalyMoE, products: list[Dataset], splits: list[tuple[list[Path], list[Path]]], train: EncoderFeatures,
-    val: EncoderFeatures, train_images: torch.Tensor, val_images: torch.Tensor, config: AmoeConfig,
+    val: EncoderFeatures, train_images: torch.Tensor, val_images: torch.Tensor, config: AmoeConfig, range_buffers: RangeBuffers,
 ) -> dict[str, dict]:
     """``calibrate_after_training`` once per product, on its own training and held-out images (the features and
     images of every product, in ``splits`` order), each from the trained state.
 
     -> per product: its folder, images, calibration record, routing on its held-out normals (``product_routing``)
-    and ``state``, the entries of the state dict its calibration changed. The model is left as trained (no
-    product's calibration): ``checkpoint.load_detector(run, product)`` lays a product's ``state`` over it."""
+    and ``state``, the entries of the state dict its calibration changed (its ``range_buffers`` laid first). The
+    model is left as trained (no product's calibration): ``checkpoint.load_detector(run, product)`` lays a
+    product's ``state`` over it."""
     trained = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     records: dict[str, dict] = {}
     train_start = val_start = 0
-    for product, (train_paths, val_paths) in zip(tqdm(products, desc="calibrate", unit="product", leave=False), splits):
+    for index, (product, (train_paths, val_paths)) in enumerate(zip(tqdm(products, desc="calibrate", unit="product", leave=False), splits)):
         in_train = slice(train_start, train_start + len(train_paths))
         in_val = slice(val_start, val_start + len(val_paths))
         train_start, val_start = in_train.stop, in_val.stop
         model.load_state_dict(trained)
+        range_buffers.apply(model, index)
         calibration = calibrate_after_training(
             model, train.select(in_train), val.select(in_val), train_images[in_train], val_images[in_val], config
         )
@@ -284,10 +341,11 @@ def train(
     its calibration measured per product (``calibrate_products``)."""
     started = time.time()
     out_dir = Path(out_dir)
-    tc = config.train
-    seed_everything(tc.seed)
+    seed_everything(config.train.seed)
     products = read_products(data if isinstance(data, (list, tuple)) else [data])
     several = len(products) > 1
+    config = config_for_products(config, len(products))
+    tc = config.train
     data_root = describe_roots(products)
     splits = [product_split(product, config, several) for product in products]
     train_paths = [path for paths, _ in splits for path in paths]
@@ -305,7 +363,8 @@ def train(
     train_features = encode_all(model, train_images, desc="encode train")
     val_features = encode_all(model, val_images, desc="encode val")
     generator = torch.Generator().manual_seed(tc.seed)
-    fit_feature_statistics(model, train_features, config, generator)
+    product = torch.tensor([i for i, (paths, _) in enumerate(splits) for _ in paths]) if several else None
+    range_buffers = fit_feature_statistics(model, train_features, config, generator, product)
 
     estimators = eir_estimators(model, config)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -317,13 +376,16 @@ def train(
     )
     run.restore(saved)
     model.train()
-    product = torch.tensor([i for i, (paths, _) in enumerate(splits) for _ in paths]) if several else None
-    step = training_step(model, config, train_features, train_images, generator, optimizer, estimators, estimator_optimizer, product)
+    step = training_step(
+        model, config, train_features, train_images, generator, optimizer, estimators, estimator_optimizer, product, range_buffers
+    )
     postfix = {"rec": ".4f", "eir": ".3f", "esb": ".3f", **({"consistency": ".3f"} if several and model.router is not None else {})}
     losses = run.run(step, postfix=postfix)
 
     if several:
-        finished = {"products": calibrate_products(model, products, splits, train_features, val_features, train_images, val_images, config)}
+        finished = {"products": calibrate_products(
+            model, products, splits, train_features, val_features, train_images, val_images, config, range_buffers
+        )}
     else:
         finished = {"calibration": calibrate_after_training(model, train_features, val_features, train_images, val_images, config)}
     with torch.no_grad():
