@@ -66,6 +66,34 @@ def test_a_level_at_chance_gets_no_share_and_the_base_shares_stay_when_none_sepa
     assert record["decided_by"] == "base" and model.level_weights.tolist() == pytest.approx([0.25, 0.5, 0.25])
 
 
+def test_a_level_with_a_negligible_share_is_left_out(tiny_run, monkeypatch):
+    import numpy as np
+    import torch
+
+    import amoe_sdk.training.fusion as fusion
+
+    model, _ = load_detector(tiny_run)
+    images = torch.zeros(4, 3, 128, 128, dtype=torch.uint8)
+    rng = np.random.default_rng(0)
+    calls = []
+
+    def scores(model_, batch, batch_size=8):
+        # The component level separates every set, but its normal scores spread a thousand times the patch
+        # level's: its share, (separation - 0.5)^2 / spread, is a few ten-thousandths of the map.
+        anomalous = bool(calls)
+        calls.append(len(batch))
+        n = len(batch)
+        patch = rng.uniform(1, 2, n) if anomalous else rng.uniform(0, 1, n)
+        component = 4000 + rng.uniform(0, 1, n) if anomalous else 1000.0 * np.arange(n)
+        return np.stack([patch, component, rng.uniform(0, 1, n)], axis=1)
+
+    monkeypatch.setattr(fusion, "level_scores", scores)
+    record = fusion.calibrate_level_weights(model, images, [1.0, 1.0, 1.0], seed=0)
+    assert record["pseudo_auroc"]["blatant"]["component"] == 1.0 and record["pseudo_auroc"]["subtle"]["component"] == 1.0
+    assert record["left_out_below_min_share"] == ["component"]
+    assert model.level_weights.tolist() == [1.0, 0.0, 0.0]
+
+
 def test_a_level_that_sees_only_blatant_pseudo_anomalies_gets_no_share(tiny_run, monkeypatch):
     import numpy as np
     import torch
