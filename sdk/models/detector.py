@@ -26,13 +26,25 @@ LEVELS = ("patch", "component", "global")
 
 @dataclass
 class ProductBuffers:
-    """Each image's own copy [B, ...] of the buffers a range's products calibrate, for training over a range, where
-    one batch mixes products: ``feature_mean`` and ``feature_std`` [B, C], the taps' statistics on the image's
-    product, and ``slot_offset`` [B, K], its open component slots (``ComponentAssigner``)."""
+    """The buffers each product of a range has of its own, one row per product [P, ...] (or per image, [B, ...]):
+    ``feature_mean`` and ``feature_std`` [., C], the taps' statistics on its images, and ``slot_offset`` [., K],
+    its own group of component slots open and the others closed (``ComponentAssigner``). Over a range, each
+    training image is standardised and assigned as its product (``rows``), and each product's calibration starts
+    from its own (``apply``), so its detector sees its images as a detector of that product alone would."""
 
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
     slot_offset: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> "ProductBuffers":
+        """Indices [B] -> those rows, e.g. each image's product's."""
+        return ProductBuffers(self.feature_mean[index], self.feature_std[index], self.slot_offset[index])
+
+    def apply(self, model: "AnomalyMoE", row: int) -> None:
+        """Lay row ``row`` over ``model``'s own buffers."""
+        model.feature_mean.copy_(self.feature_mean[row])
+        model.feature_std.copy_(self.feature_std[row])
+        model.assigner.slot_offset.copy_(self.slot_offset[row])
 
 
 @dataclass

@@ -74,38 +74,16 @@ def config_for_products(config: AmoeConfig, products: int) -> AmoeConfig:
     return resolved
 
 
-@dataclass
-class RangeBuffers:
-    """What each product of a range calibrates before training, [P, ...]: its taps' per-channel statistics
-    ``feature_mean`` and ``feature_std`` [P, C], and ``slot_offset`` [P, K], its own group of component slots open
-    and the others closed. Each training image is standardised and assigned as its product (``for_images``), and
-    each product's calibration starts from its own (``apply``), so its detector sees its images as a detector
-    trained on that product alone would: over the mixed range, the statistics were the range's, and k-means spent
-    the slots on what tells the products apart (the measurements are in the README)."""
-
-    feature_mean: torch.Tensor
-    feature_std: torch.Tensor
-    slot_offset: torch.Tensor
-
-    def for_images(self, product: torch.Tensor) -> ProductBuffers:
-        """Product indices [B] -> each image's own buffers."""
-        return ProductBuffers(self.feature_mean[product], self.feature_std[product], self.slot_offset[product])
-
-    def apply(self, model: AnomalyMoE, index: int) -> None:
-        """Lay product ``index``'s buffers over ``model``'s."""
-        model.feature_mean.copy_(self.feature_mean[index])
-        model.feature_std.copy_(self.feature_std[index])
-        model.assigner.slot_offset.copy_(self.slot_offset[index])
-
-
 @torch.no_grad()
 def fit_feature_statistics(
     model: AnomalyMoE, train: EncoderFeatures, config: AmoeConfig, generator: torch.Generator, product: torch.Tensor | None = None,
-) -> RangeBuffers | None:
+) -> ProductBuffers | None:
     """Per-channel mean / std of the taps (and of the component taps) and the k-means component prototypes, from
     normal training images. With ``product`` [N] (each image's product index over a range, ``config_for_products``):
-    each product's group of ``num_slots`` prototypes is fitted on its own images, and -> its ``RangeBuffers``
-    (the model keeps the whole range's statistics)."""
+    each product's group of ``num_slots`` prototypes is fitted on its own images, and -> the products'
+    ``ProductBuffers``, one row each (the model keeps the whole range's statistics). Over the mixed range, the
+    statistics were the range's and k-means spent the slots on what tells the products apart (the measurements
+    are in the README)."""
     assigner = model.assigner
     mean, std = channel_statistics(train.taps)
     model.feature_mean.copy_(mean)
@@ -116,17 +94,18 @@ def fit_feature_statistics(
         assigner.component_std.copy_(std)
     tokens = assigner.assignment_tokens(model.standardise(train.taps), train.components)
     component = config.model.component
-    groups = [tokens] if product is None else [tokens[product == p] for p in range(component.slot_groups)]
-    prototypes = []
-    for group in groups:
-        group = group.reshape(-1, group.shape[-1])
+    members = [slice(None)] if product is None else [product == p for p in range(component.slot_groups)]
+    prototypes, statistics = [], []
+    for rows in members:
+        group = tokens[rows].reshape(-1, tokens.shape[-1])
         sample = group[torch.randperm(len(group), generator=generator)[:20000]]
         prototypes.append(kmeans(sample, component.num_slots, component.kmeans_iters, generator))
+        if product is not None:
+            statistics.append(channel_statistics(train.taps[rows]))
     assigner.prototypes.copy_(torch.cat(prototypes))
     if product is None:
         return None
-    statistics = [channel_statistics(train.taps[product == p]) for p in range(component.slot_groups)]
-    return RangeBuffers(
+    return ProductBuffers(
         torch.stack([m for m, _ in statistics]), torch.stack([s for _, s in statistics]),
         group_slot_offsets(component.slot_groups, component.num_slots),
     )
@@ -221,7 +200,7 @@ def eir_estimators(model: AnomalyMoE, config: AmoeConfig) -> torch.nn.ModuleDict
 def training_step(
     model: AnomalyMoE, config: AmoeConfig, features: EncoderFeatures, images: torch.Tensor, generator: torch.Generator,
     optimizer: torch.optim.Optimizer, estimators: torch.nn.ModuleDict, estimator_optimizer: torch.optim.Optimizer | None,
-    product: torch.Tensor | None = None, range_buffers: RangeBuffers | None = None,
+    product: torch.Tensor | None = None, range_buffers: ProductBuffers | None = None,
 ) -> StepFunction:
     """The AnomalyMoE step on cached encoder features of uint8 ``images`` [N, 3, S, S]: routed reconstruction, the
     router's own reconstruction term, Expert Information Repulsion (CLUB, alternating with its estimators) and
@@ -247,7 +226,7 @@ def training_step(
         logits, weights, outputs = model.run_experts(
             features.select(batch), images[batch].float(), with_loss=True,
             easy_fraction=lc.hard_mining_easy_fraction, easy_scale=lc.hard_mining_easy_scale,
-            product_buffers=None if product is None else range_buffers.for_images(product[batch]),
+            product_buffers=None if product is None else range_buffers.rows(product[batch]),
         )
         expert_losses = torch.stack([o.loss for o in outputs], dim=1)  # [B, E]
         rec, router_rec = routed_reconstruction(expert_losses, weights, level_scales, level_of_expert)
@@ -298,7 +277,7 @@ def product_split(product: Dataset, config: AmoeConfig, several: bool) -> tuple[
 @torch.no_grad()
 def calibrate_products(
     model: AnomalyMoE, products: list[Dataset], splits: list[tuple[list[Path], list[Path]]], train: EncoderFeatures,
-    val: EncoderFeatures, train_images: torch.Tensor, val_images: torch.Tensor, config: AmoeConfig, range_buffers: RangeBuffers,
+    val: EncoderFeatures, train_images: torch.Tensor, val_images: torch.Tensor, config: AmoeConfig, range_buffers: ProductBuffers,
 ) -> dict[str, dict]:
     """``calibrate_after_training`` once per product, on its own training and held-out images (the features and
     images of every product, in ``splits`` order), each from the trained state.
