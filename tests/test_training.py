@@ -231,7 +231,7 @@ def test_a_form_is_kept_only_when_it_separates_pseudo_anomalies_better(measured_
     renormalised = []
 
     def outputs_by_subspace_gain(step):  # the patch level's score separates by the subspace gain, times ``step``
-        def level_outputs(model_, batch, level, batch_size=8):
+        def level_outputs(model_, batch, level, batch_size=8, features=None):
             gain = float(model_.patch_experts[0].residual_subspace_gain[0])
             anomalous = float(batch.float().mean() > 0)
             base = np.linspace(0, 1, len(batch))
@@ -416,7 +416,7 @@ def test_the_memory_is_kept_at_the_largest_gain_that_costs_the_pseudo_anomalies_
     monkeypatch.setattr(whitening, "pseudo_anomaly_sets", lambda v, seed: {"blatant": pseudo, "subtle": pseudo})
 
     def separation_falling_with_the_gain(cost):
-        def patch_separation(model_, images, sets):
+        def patch_separation(model_, images, sets, encoded=None):
             gain = float(model_.patch_experts[0].memory_gain[0]) / ratio[0]
             per_set = {"blatant image": 1.0, "blatant pixel": 0.95 - cost * gain, "subtle image": 1.0, "subtle pixel": 0.97}
             return {**per_set, "mean": float(np.mean(list(per_set.values())))}
@@ -458,7 +458,7 @@ def test_the_colour_term_is_kept_at_its_best_gain_only_where_it_removes_a_tenth_
     sets = {"blatant": pseudo, "subtle": pseudo}
 
     def separation_peaking_at_half(height):  # the subtle set gains up to gain 0.5, the blatant pixel AUROC falls
-        def patch_separation(model_, images, sets_):
+        def patch_separation(model_, images, sets_, encoded=None):
             gain = float(model_.patch_experts[0].colour_gain[0]) / ratio
             per_set = {"blatant image": 0.97, "blatant pixel": 0.74 - 0.1 * gain, "subtle image": 0.65 + height * min(gain, 0.5) - 0.1 * gain, "subtle pixel": 0.76}
             return {**per_set, "mean": float(np.mean(list(per_set.values())))}
@@ -479,6 +479,49 @@ def test_the_colour_term_is_kept_at_its_best_gain_only_where_it_removes_a_tenth_
     assert record["gain"] == 0.0 and all(float(e.colour_gain[0]) == 0 for e in model.patch_experts)
     model.drop_unused_map_terms()
     assert model.colour_deviations(val_images.float()) is None
+
+
+@pytest.mark.parametrize("colour_gain, memory_gain, passes", [(0.5, 0.0, 2), (0.0, 1.0, 2), (0.0, 0.0, 1)])
+def test_the_whitening_is_chosen_again_with_the_map_terms_in_place(measured_run, monkeypatch, colour_gain, memory_gain, passes):
+    import torch
+
+    import amoe_sdk.training.trainer as trainer
+    from amoe_sdk.config import AmoeConfig
+
+    model, payload = load_detector(measured_run)
+    config = AmoeConfig.from_dict(payload["config"], "test")
+    size = model.config.input_size
+    images = torch.randint(0, 255, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    features = trainer.encode_all(model, images)
+    for expert in model.patch_experts:  # as trained: no map term yet
+        expert.memory_gain.zero_()
+        expert.colour_gain.zero_()
+    seen = []  # each whitening pass: the gains of the map terms in the model when it was chosen
+
+    def choose_whitening(model_, ratios, val_images, renormalise, seed, sets, encoded):
+        expert = model_.patch_experts[0]
+        seen.append((float(expert.colour_gain[0]), float(expert.memory_gain[0])))
+        form = ("diagonal", 1.0) if len(seen) == 1 else ("diagonal", 0.5)
+        return {"form": form[0], "gain": form[1], "patch_auroc_by_candidate": {"pass": len(seen)}}
+
+    def choose_term(term, gain):
+        def choose(model_, *args, **kwargs):
+            for expert in model_.patch_experts:
+                getattr(expert, f"{term}_gain").fill_(gain)
+            return {"gain": gain}
+        return choose
+
+    monkeypatch.setattr(trainer, "choose_whitening", choose_whitening)
+    monkeypatch.setattr(trainer, "choose_colour", choose_term("colour", colour_gain))
+    monkeypatch.setattr(trainer, "choose_memory", choose_term("memory", memory_gain))
+    record = trainer.calibrate_after_training(model, features, features, images, images, config)["whitening"]
+    assert seen == [(0.0, 0.0), (colour_gain, memory_gain)][:passes]  # the second pass sees the terms in place
+    assert record["colour"]["gain"] == colour_gain and record["memory"]["gain"] == memory_gain
+    if passes == 1:
+        assert (record["form"], record["gain"]) == ("diagonal", 1.0) and "without_terms" not in record
+    else:
+        assert (record["form"], record["gain"]) == ("diagonal", 0.5)
+        assert record["without_terms"] == {"form": "diagonal", "gain": 1.0, "patch_auroc_by_candidate": {"pass": 1}}
 
 
 @pytest.mark.parametrize(
@@ -510,3 +553,21 @@ def test_a_checkpoint_from_before_a_map_term_loads_with_the_same_maps(measured_r
     images = torch.randint(0, 255, (2, 3, model.config.input_size, model.config.input_size)).float()
     with torch.no_grad():
         assert torch.equal(model(images).anomaly_map, reference(images).anomaly_map)
+
+
+def test_cached_encoder_features_give_the_calibration_the_full_passes_maps_bit_for_bit(measured_run):
+    import numpy as np
+    import torch
+
+    from amoe_sdk.training.fusion import encode_calibration_images, level_outputs, pseudo_anomaly_sets
+    from amoe_sdk.training.whitening import patch_separation
+
+    model, _ = load_detector(measured_run)
+    size = model.config.input_size
+    images = torch.randint(0, 255, (12, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sets = pseudo_anomaly_sets(images, seed=0)
+    encoded = encode_calibration_images(model, images, sets)
+    assert [len(batch.taps) for batch in encoded["normal"]] == [8, 4]  # level_outputs' batches
+    cached, full = level_outputs(model, images, 0, features=encoded["normal"]), level_outputs(model, images, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(cached, full))
+    assert patch_separation(model, images, sets, encoded) == patch_separation(model, images, sets)

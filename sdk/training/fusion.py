@@ -18,6 +18,7 @@ import torch
 from amoe_sdk.calibration.pseudo_anomalies import PSEUDO_KINDS, synthesise, synthesise_subtle
 from amoe_sdk.evaluation.metrics import auroc
 from amoe_sdk.models.detector import LEVELS, AnomalyMoE
+from amoe_sdk.models.encoders import EncoderFeatures
 
 
 # A candidate (a whitening form, a set of levels for the map) replaces the baseline only if it removes this share of
@@ -40,16 +41,28 @@ def best_removing_enough_error(separation: dict, candidates, baseline):
 
 
 @torch.no_grad()
-def level_outputs(model: AnomalyMoE, images: torch.Tensor, level: int, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def level_outputs(
+    model: AnomalyMoE, images: torch.Tensor, level: int, batch_size: int = 8, features: list[EncoderFeatures] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Each level's own image score (its routed map, upsampled, blurred, top-percent mean) and the map of level
-    ``level``: uint8 [N, 3, S, S] -> (scores [N, L], maps [N, S, S])."""
+    ``level``: uint8 [N, 3, S, S] -> (scores [N, L], maps [N, S, S]). ``features``: the images' encoder features
+    in these batches (``encode_in_batches``), so that only the experts run."""
     scores, maps = [], []
-    for start in range(0, len(images), batch_size):
-        out = model(images[start : start + batch_size].float())
+    for index, start in enumerate(range(0, len(images), batch_size)):
+        batch = images[start : start + batch_size].float()
+        out = model(batch) if features is None else model.forward_features(features[index], batch)
         level_maps, level_scores_ = model.level_outputs(out)
         scores.append(level_scores_.numpy())
         maps.append(level_maps[:, level].numpy())
     return np.concatenate(scores), np.concatenate(maps)
+
+
+@torch.no_grad()
+def encode_in_batches(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -> list[EncoderFeatures]:
+    """The frozen encoder's features of uint8 images [N, 3, S, S] in ``level_outputs``' batches. A calibration scores
+    up to 23 candidates on the same images, and the encoder was half of each candidate's time; in the same batches
+    its features are the same bit for bit, so the choices are those of full forward passes."""
+    return [model.encode(images[start : start + batch_size].float()) for start in range(0, len(images), batch_size)]
 
 
 def level_scores(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
@@ -75,6 +88,17 @@ def pseudo_anomaly_sets(val_images: torch.Tensor, seed: int) -> dict[str, Pseudo
         name: PseudoAnomalies(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), masks.astype(bool))
         for name, (images, masks) in (("blatant", blatant), ("subtle", subtle))
     }
+
+
+# The encoder features of the held-out normals ("normal") and of each pseudo-anomaly set (by its name), in
+# ``level_outputs``' batches.
+Encoded = dict[str, list[EncoderFeatures]]
+
+
+def encode_calibration_images(model: AnomalyMoE, val_images: torch.Tensor, sets: dict[str, PseudoAnomalies]) -> Encoded:
+    """``encode_in_batches`` of the held-out normals (uint8 [N, 3, S, S]), "normal", and of each pseudo-anomaly set,
+    by its name."""
+    return {"normal": encode_in_batches(model, val_images), **{name: encode_in_batches(model, p.images) for name, p in sets.items()}}
 
 
 def chance_spread(n_normal: int, n_anomalous: int) -> float:

@@ -23,7 +23,7 @@ from amoe_sdk.models.detector import LEVELS, AnomalyMoE
 from amoe_sdk.models.encoders import EncoderFeatures
 from amoe_sdk.models.experts import cosine_distance
 from amoe_sdk.training.fusion import (
-    MIN_ERROR_REDUCTION, PseudoAnomalies, best_removing_enough_error, level_outputs, pseudo_anomaly_sets,
+    MIN_ERROR_REDUCTION, Encoded, PseudoAnomalies, best_removing_enough_error, level_outputs, pseudo_anomaly_sets,
 )
 
 # (form, gain) tried in order; a gain is in units of the cosine map's normal spread.
@@ -109,16 +109,19 @@ def _set_form(model: AnomalyMoE, ratios: SpreadRatios, form: str, gain: float) -
             expert.residual_subspace_gain.fill_(gain * subspace if form == "subspace" else 0.0)
 
 
-def patch_separation(model: AnomalyMoE, val_images: torch.Tensor, sets: dict[str, PseudoAnomalies]) -> dict[str, float]:
+def patch_separation(
+    model: AnomalyMoE, val_images: torch.Tensor, sets: dict[str, PseudoAnomalies], encoded: Encoded | None = None,
+) -> dict[str, float]:
     """How well the patch level alone separates the held-out normals (uint8 [N, 3, S, S]) from each pseudo-anomaly
     set: its image and pixel AUROC on each, and their mean. The pixel AUROC counts too: on an object whose
     pseudo-anomalies all score above its normals (vial), it still tells a map that finds them from one that only
-    flags their images."""
+    flags their images. ``encoded``: their encoder features (``encode_calibration_images``), so only the experts run."""
     patch = LEVELS.index("patch")
-    normal_scores, normal_maps = level_outputs(model, val_images, patch)
+    encoded = encoded or {}
+    normal_scores, normal_maps = level_outputs(model, val_images, patch, features=encoded.get("normal"))
     per_set = {}
     for name, pseudo in sets.items():
-        scores, maps = level_outputs(model, pseudo.images, patch)
+        scores, maps = level_outputs(model, pseudo.images, patch, features=encoded.get(name))
         image_labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(scores))]
         per_set[f"{name} image"] = auroc(image_labels, np.r_[normal_scores[:, patch], scores[:, patch]])
         pixel_labels = np.concatenate([np.zeros(normal_maps.shape, bool), pseudo.masks])
@@ -129,7 +132,7 @@ def patch_separation(model: AnomalyMoE, val_images: torch.Tensor, sets: dict[str
 @torch.no_grad()
 def choose_whitening(
     model: AnomalyMoE, ratios: SpreadRatios, val_images: torch.Tensor, renormalise: Callable[[], None], seed: int,
-    sets: dict[str, PseudoAnomalies] | None = None,
+    sets: dict[str, PseudoAnomalies] | None = None, encoded: Encoded | None = None,
 ) -> dict:
     """Try each of ``CANDIDATES`` (renormalising the maps with ``renormalise`` each time) and keep the one whose
     patch level best separates the held-out normals (uint8 [N, 3, S, S]) from blatant and from subtle
@@ -140,7 +143,7 @@ def choose_whitening(
     for form, gain in CANDIDATES:
         _set_form(model, ratios, form, gain)
         renormalise()
-        separation[(form, gain)] = patch_separation(model, val_images, sets)
+        separation[(form, gain)] = patch_separation(model, val_images, sets, encoded)
     best = best_removing_enough_error(separation, CANDIDATES, baseline=CANDIDATES[0])
     _set_form(model, ratios, *best)
     renormalise()
@@ -155,7 +158,7 @@ def choose_whitening(
 @torch.no_grad()
 def choose_memory(
     model: AnomalyMoE, train: EncoderFeatures, val: EncoderFeatures, val_images: torch.Tensor,
-    renormalise: Callable[[], None], seed: int, sets: dict[str, PseudoAnomalies] | None = None,
+    renormalise: Callable[[], None], seed: int, sets: dict[str, PseudoAnomalies] | None = None, encoded: Encoded | None = None,
 ) -> dict:
     """Fill ``model.patch_memory`` from the normal training features, then keep the largest of ``TERM_GAINS``
     the pseudo-anomalies tolerate (``_choose_term_gain``).
@@ -169,13 +172,13 @@ def choose_memory(
     model.patch_memory.fit(model.standardise(train.taps), torch.Generator().manual_seed(seed))
     tokens = model.standardise(val.taps)
     sets = pseudo_anomaly_sets(val_images, seed) if sets is None else sets
-    return _choose_term_gain(model, "memory", tokens, model.memory_distances(tokens), val_images, renormalise, sets)
+    return _choose_term_gain(model, "memory", tokens, model.memory_distances(tokens), val_images, renormalise, sets, encoded)
 
 
 @torch.no_grad()
 def choose_colour(
     model: AnomalyMoE, train_images: torch.Tensor, val: EncoderFeatures, val_images: torch.Tensor,
-    renormalise: Callable[[], None], seed: int, sets: dict[str, PseudoAnomalies] | None = None,
+    renormalise: Callable[[], None], seed: int, sets: dict[str, PseudoAnomalies] | None = None, encoded: Encoded | None = None,
 ) -> dict:
     """Fit ``model.colour`` on the normal training images (uint8 [M, 3, S, S]), then keep the one of
     ``COLOUR_GAINS`` with the best mean patch-level AUROC on the pseudo-anomalies (``_choose_term_gain``), if it
@@ -189,14 +192,14 @@ def choose_colour(
     sets = pseudo_anomaly_sets(val_images, seed) if sets is None else sets
     deviations = torch.cat([model.colour(val_images[i : i + 32].float()) for i in range(0, len(val_images), 32)])
     return _choose_term_gain(
-        model, "colour", model.standardise(val.taps), deviations, val_images, renormalise, sets, COLOUR_GAINS, "best"
+        model, "colour", model.standardise(val.taps), deviations, val_images, renormalise, sets, encoded, COLOUR_GAINS, "best"
     )
 
 
 def _choose_term_gain(
     model: AnomalyMoE, term: str, val_tokens: torch.Tensor, values: torch.Tensor, val_images: torch.Tensor,
-    renormalise: Callable[[], None], sets: dict[str, PseudoAnomalies], candidates: tuple[float, ...] = TERM_GAINS,
-    rule: str = "tolerated",
+    renormalise: Callable[[], None], sets: dict[str, PseudoAnomalies], encoded: Encoded | None = None,
+    candidates: tuple[float, ...] = TERM_GAINS, rule: str = "tolerated",
 ) -> dict:
     """Try each of ``candidates`` for the map term ``term`` (``memory`` or ``colour``: each patch expert's
     ``<term>_gain``), in units of the expert's normal map spread over the term's ``values`` [M, N] (both on the
@@ -212,7 +215,7 @@ def _choose_term_gain(
         for buffer, ratio in zip(gains, ratios):
             buffer.fill_(gain * ratio)
         renormalise()
-        separation[gain] = patch_separation(model, val_images, sets)
+        separation[gain] = patch_separation(model, val_images, sets, encoded)
     without = separation[0.0]
     if rule == "tolerated":
         tolerated = [
