@@ -60,8 +60,9 @@ def level_outputs(
 @torch.no_grad()
 def encode_in_batches(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -> list[EncoderFeatures]:
     """The frozen encoder's features of uint8 images [N, 3, S, S] in ``level_outputs``' batches. A calibration scores
-    up to 23 candidates on the same images, and the encoder was half of each candidate's time; in the same batches
-    its features are the same bit for bit, so the choices are those of full forward passes."""
+    up to 23 candidates on the same images, and the encoder took a fifth of its time (96 -> 75 s per product on the
+    sample range); in the same batches its features are the same bit for bit, so the choices are those of full
+    forward passes."""
     return [model.encode(images[start : start + batch_size].float()) for start in range(0, len(images), batch_size)]
 
 
