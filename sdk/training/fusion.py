@@ -29,6 +29,9 @@ MIN_ERROR_REDUCTION = 0.1
 # map's range, yet a folded bundle keeps its experts and pays for them on every frame (a global level that cleared
 # chance by a hair took 0.04 % of kit's map and kept 0.14 GFLOPs of experts in its folded bundle).
 MIN_LEVEL_SHARE = 0.01
+# The calibration's forward passes run in batches of this many images; ``encode_in_batches`` caches the encoder's
+# features in the same batches, so that a candidate's maps are those of a full pass bit for bit.
+CALIBRATION_BATCH = 8
 
 
 def best_removing_enough_error(separation: dict, candidates, baseline):
@@ -42,7 +45,8 @@ def best_removing_enough_error(separation: dict, candidates, baseline):
 
 @torch.no_grad()
 def level_outputs(
-    model: AnomalyMoE, images: torch.Tensor, level: int, batch_size: int = 8, features: list[EncoderFeatures] | None = None,
+    model: AnomalyMoE, images: torch.Tensor, level: int, batch_size: int = CALIBRATION_BATCH,
+    features: list[EncoderFeatures] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each level's own image score (its routed map, upsampled, blurred, top-percent mean) and the map of level
     ``level``: uint8 [N, 3, S, S] -> (scores [N, L], maps [N, S, S]). ``features``: the images' encoder features
@@ -58,7 +62,7 @@ def level_outputs(
 
 
 @torch.no_grad()
-def encode_in_batches(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -> list[EncoderFeatures]:
+def encode_in_batches(model: AnomalyMoE, images: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> list[EncoderFeatures]:
     """The frozen encoder's features of uint8 images [N, 3, S, S] in ``level_outputs``' batches. A calibration scores
     up to 23 candidates on the same images, and the encoder took a fifth of its time (96 -> 75 s per product on the
     sample range); in the same batches its features are the same bit for bit, so the choices are those of full
@@ -66,7 +70,7 @@ def encode_in_batches(model: AnomalyMoE, images: torch.Tensor, batch_size: int =
     return [model.encode(images[start : start + batch_size].float()) for start in range(0, len(images), batch_size)]
 
 
-def level_scores(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+def level_scores(model: AnomalyMoE, images: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> np.ndarray:
     """Each level's own image score: uint8 [N, 3, S, S] -> [N, L]."""
     return level_outputs(model, images, 0, batch_size)[0]
 
@@ -99,7 +103,8 @@ Encoded = dict[str, list[EncoderFeatures]]
 def encode_calibration_images(model: AnomalyMoE, val_images: torch.Tensor, sets: dict[str, PseudoAnomalies]) -> Encoded:
     """``encode_in_batches`` of the held-out normals (uint8 [N, 3, S, S]), "normal", and of each pseudo-anomaly set,
     by its name."""
-    return {"normal": encode_in_batches(model, val_images), **{name: encode_in_batches(model, p.images) for name, p in sets.items()}}
+    encoded = {"normal": encode_in_batches(model, val_images)}
+    return {**encoded, **{name: encode_in_batches(model, pseudo.images) for name, pseudo in sets.items()}}
 
 
 def chance_spread(n_normal: int, n_anomalous: int) -> float:
@@ -170,7 +175,7 @@ def calibrate_level_weights(
 
 
 @torch.no_grad()
-def all_level_maps(model: AnomalyMoE, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+def all_level_maps(model: AnomalyMoE, images: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> np.ndarray:
     """Each level's own map, upsampled and blurred as the fused map is: uint8 [N, 3, S, S] -> [N, L, S, S]."""
     maps = []
     for start in range(0, len(images), batch_size):
