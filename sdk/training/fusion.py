@@ -103,8 +103,8 @@ Encoded = dict[str, list[EncoderFeatures]]
 def encode_calibration_images(model: AnomalyMoE, val_images: torch.Tensor, sets: dict[str, PseudoAnomalies]) -> Encoded:
     """``encode_in_batches`` of the held-out normals (uint8 [N, 3, S, S]), "normal", and of each pseudo-anomaly set,
     by its name."""
-    encoded = {"normal": encode_in_batches(model, val_images)}
-    return {**encoded, **{name: encode_in_batches(model, pseudo.images) for name, pseudo in sets.items()}}
+    images = {"normal": val_images, **{name: pseudo.images for name, pseudo in sets.items()}}
+    return {name: encode_in_batches(model, batch) for name, batch in images.items()}
 
 
 def chance_spread(n_normal: int, n_anomalous: int) -> float:
