@@ -15,7 +15,7 @@ def _level_maps_where(masks_of, locating: list[int], painting: list[int]):
     """Fake ``all_level_maps``: the ``locating`` levels light the changed pixels, the ``painting`` ones every
     pixel of an anomalous image (a slot painted whole), the others are noise. ``masks_of``: images -> where their pixels changed."""
 
-    def level_maps(model, images, batch_size=8):
+    def level_maps(model, images, batch_size=8, features=None):
         n, _, s, _ = images.shape
         masks = masks_of(images)
         rng = np.random.default_rng(n)

@@ -50,7 +50,7 @@ def test_a_level_at_chance_gets_no_share_and_the_base_shares_stay_when_none_sepa
 
     calls = []
 
-    def separating(model_, batch, batch_size=8):  # patch separates, component is noise, global points the wrong way
+    def separating(model_, batch, batch_size=8, features=None):  # patch separates, component is noise, global points the wrong way
         anomalous = bool(calls)  # the first call scores the normal images, the second the pseudo-anomalies
         calls.append(len(batch))
         n = len(batch)
@@ -61,7 +61,7 @@ def test_a_level_at_chance_gets_no_share_and_the_base_shares_stay_when_none_sepa
     monkeypatch.setattr(fusion, "level_scores", separating)
     record = fusion.calibrate_level_weights(model, images, [1.0, 1.0, 1.0], seed=0)
     assert record["level_weights"]["patch"] > 0.9 and record["level_weights"]["global"] == 0.0
-    monkeypatch.setattr(fusion, "level_scores", lambda m, b, batch_size=8: np.zeros((len(b), 3)))
+    monkeypatch.setattr(fusion, "level_scores", lambda m, b, batch_size=8, features=None: np.zeros((len(b), 3)))
     record = fusion.calibrate_level_weights(model, images, [1.0, 2.0, 1.0], seed=0)
     assert record["decided_by"] == "base" and model.level_weights.tolist() == pytest.approx([0.25, 0.5, 0.25])
 
@@ -77,7 +77,7 @@ def test_a_level_with_a_negligible_share_is_left_out(tiny_run, monkeypatch):
     rng = np.random.default_rng(0)
     calls = []
 
-    def scores(model_, batch, batch_size=8):
+    def scores(model_, batch, batch_size=8, features=None):
         # The component level separates every set, but its normal scores spread a thousand times the patch
         # level's: its share, (separation - 0.5)^2 / spread, is a few ten-thousandths of the map.
         anomalous = bool(calls)
@@ -104,7 +104,7 @@ def test_a_level_that_sees_only_blatant_pseudo_anomalies_gets_no_share(tiny_run,
     images = torch.zeros(6, 3, 128, 128, dtype=torch.uint8)
     calls = []
 
-    def blatant_only_global(model_, batch, batch_size=8):  # normal images, then blatant, then subtle pseudo-anomalies
+    def blatant_only_global(model_, batch, batch_size=8, features=None):  # normal images, then blatant, then subtle pseudo-anomalies
         kind = ("normal", "blatant", "subtle")[len(calls)]
         calls.append(kind)
         spread = np.linspace(0, 1, len(batch))
@@ -121,7 +121,7 @@ def test_a_level_that_sees_only_blatant_pseudo_anomalies_gets_no_share(tiny_run,
 
     calls.clear()
 
-    def slightly_separating(model_, batch, batch_size=8):  # the patch level above 0.5, but within chance
+    def slightly_separating(model_, batch, batch_size=8, features=None):  # the patch level above 0.5, but within chance
         shift = 0.0 if not calls else 0.15  # the first call scores the normal images
         calls.append("any")
         spread = np.linspace(0, 1, len(batch))

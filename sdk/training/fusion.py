@@ -43,6 +43,14 @@ def best_removing_enough_error(separation: dict, candidates, baseline):
     return best
 
 
+def _level_passes(model: AnomalyMoE, images: torch.Tensor, batch_size: int, features: list[EncoderFeatures] | None):
+    """Per batch of uint8 ``images``, each level's map and score (``AnomalyMoE.level_outputs``); with ``features``
+    (``encode_in_batches``) only the experts run."""
+    for index, start in enumerate(range(0, len(images), batch_size)):
+        batch = images[start : start + batch_size].float()
+        yield model.level_outputs(model(batch) if features is None else model.forward_features(features[index], batch))
+
+
 @torch.no_grad()
 def level_outputs(
     model: AnomalyMoE, images: torch.Tensor, level: int, batch_size: int = CALIBRATION_BATCH,
@@ -52,10 +60,7 @@ def level_outputs(
     ``level``: uint8 [N, 3, S, S] -> (scores [N, L], maps [N, S, S]). ``features``: the images' encoder features
     in these batches (``encode_in_batches``), so that only the experts run."""
     scores, maps = [], []
-    for index, start in enumerate(range(0, len(images), batch_size)):
-        batch = images[start : start + batch_size].float()
-        out = model(batch) if features is None else model.forward_features(features[index], batch)
-        level_maps, level_scores_ = model.level_outputs(out)
+    for level_maps, level_scores_ in _level_passes(model, images, batch_size, features):
         scores.append(level_scores_.numpy())
         maps.append(level_maps[:, level].numpy())
     return np.concatenate(scores), np.concatenate(maps)
@@ -70,9 +75,11 @@ def encode_in_batches(model: AnomalyMoE, images: torch.Tensor, batch_size: int =
     return [model.encode(images[start : start + batch_size].float()) for start in range(0, len(images), batch_size)]
 
 
-def level_scores(model: AnomalyMoE, images: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> np.ndarray:
+def level_scores(
+    model: AnomalyMoE, images: torch.Tensor, batch_size: int = CALIBRATION_BATCH, features: list[EncoderFeatures] | None = None,
+) -> np.ndarray:
     """Each level's own image score: uint8 [N, 3, S, S] -> [N, L]."""
-    return level_outputs(model, images, 0, batch_size)[0]
+    return level_outputs(model, images, 0, batch_size, features)[0]
 
 
 @dataclass
@@ -117,6 +124,7 @@ def chance_spread(n_normal: int, n_anomalous: int) -> float:
 @torch.no_grad()
 def calibrate_level_weights(
     model: AnomalyMoE, val_images: torch.Tensor, base: list[float], seed: int, sets: dict[str, PseudoAnomalies] | None = None,
+    encoded: Encoded | None = None,
 ) -> dict:
     """Set ``model.level_weights`` from each level's image AUROC on held-out normal images (uint8 [N, 3, S, S])
     against 2N blatant pseudo-anomalies (cut-paste, Perlin, region swaps) and, separately, N subtle ones made
@@ -133,11 +141,12 @@ def calibrate_level_weights(
     checkpoint keeps."""
     model.eval()
     sets = pseudo_anomaly_sets(val_images, seed) if sets is None else sets
-    normal = level_scores(model, val_images)
+    encoded = encoded or {}
+    normal = level_scores(model, val_images, features=encoded.get("normal"))
     present = model.level_matrix.sum(dim=1) > 0
     separation_by_set, beyond_chance = {}, []
     for name, pseudo in sets.items():
-        scores = np.concatenate([normal, level_scores(model, pseudo.images)])
+        scores = np.concatenate([normal, level_scores(model, pseudo.images, features=encoded.get(name))])
         labels = np.r_[np.zeros(len(normal)), np.ones(len(pseudo.images))]
         separation_by_set[name] = np.array([auroc(labels, scores[:, i]) if present[i] else 0.5 for i in range(len(LEVELS))])
         beyond_chance.append(separation_by_set[name] - chance_spread(len(normal), len(pseudo.images)))
@@ -175,17 +184,17 @@ def calibrate_level_weights(
 
 
 @torch.no_grad()
-def all_level_maps(model: AnomalyMoE, images: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> np.ndarray:
+def all_level_maps(
+    model: AnomalyMoE, images: torch.Tensor, batch_size: int = CALIBRATION_BATCH, features: list[EncoderFeatures] | None = None,
+) -> np.ndarray:
     """Each level's own map, upsampled and blurred as the fused map is: uint8 [N, 3, S, S] -> [N, L, S, S]."""
-    maps = []
-    for start in range(0, len(images), batch_size):
-        maps.append(model.level_outputs(model(images[start : start + batch_size].float()))[0].numpy())
-    return np.concatenate(maps)
+    return np.concatenate([level_maps.numpy() for level_maps, _ in _level_passes(model, images, batch_size, features)])
 
 
 @torch.no_grad()
 def choose_map_levels(
     model: AnomalyMoE, val_images: torch.Tensor, seed: int, sets: dict[str, PseudoAnomalies] | None = None,
+    encoded: Encoded | None = None,
 ) -> dict:
     """Set ``model.map_level_weights``, the levels' shares of the map a person reads, once ``level_weights`` are
     measured: the score's shares restricted to the subset of its levels whose fused map best locates the
@@ -203,8 +212,9 @@ def choose_map_levels(
     scored = [i for i in range(len(LEVELS)) if shares[i] > 0]
     subsets = [tuple(s) for size in range(len(scored), 0, -1) for s in itertools.combinations(scored, size)]
     sets = pseudo_anomaly_sets(val_images, seed) if sets is None else sets
-    normal_maps = all_level_maps(model, val_images)
-    pseudo_maps = {name: all_level_maps(model, pseudo.images) for name, pseudo in sets.items()}
+    encoded = encoded or {}
+    normal_maps = all_level_maps(model, val_images, features=encoded.get("normal"))
+    pseudo_maps = {name: all_level_maps(model, pseudo.images, features=encoded.get(name)) for name, pseudo in sets.items()}
 
     def restricted(subset: tuple[int, ...]) -> np.ndarray:
         kept = np.zeros_like(shares)

@@ -167,10 +167,10 @@ def calibrate_after_training(
     weigh_levels = config.model.postprocess.level_weighting == "pseudo"
     # The same for every choice: made once.
     sets = pseudo_anomaly_sets(val_images, seed) if whiten or weigh_levels else None
+    encoded = encode_calibration_images(model, val_images, sets) if sets is not None else None
     if whiten:
         ratios = fit_residual_statistics(model, train)
         renormalise = lambda: calibrate_normalisation(model, val, val_images, config)  # noqa: E731
-        encoded = encode_calibration_images(model, val_images, sets)
         whitening = choose_whitening(model, ratios, val_images, renormalise, seed, sets, encoded)
         if model.patch_memory is not None:
             whitening["memory"] = choose_memory(model, train, val, val_images, renormalise, seed, sets, encoded)
@@ -188,8 +188,8 @@ def calibrate_after_training(
             }
     calibration = calibrate_normalisation(model, val, val_images, config)
     if weigh_levels:
-        fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, seed, sets)
-        fusion["map"] = choose_map_levels(model, val_images, seed, sets)
+        fusion = calibrate_level_weights(model, val_images, config.model.postprocess.level_weights, seed, sets, encoded)
+        fusion["map"] = choose_map_levels(model, val_images, seed, sets, encoded)
         # The validation scores again, with the measured shares.
         calibration = {**calibrate_normalisation(model, val, val_images, config, refit=False), "fusion": fusion}
     if whitening is not None:
