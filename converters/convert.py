@@ -30,8 +30,8 @@ from amoe_sdk.calibration.thresholds import normal_threshold
 from amoe_sdk.checkpoint import load_detector
 from amoe_sdk.converters.bundle_writer import BundleWriter, check_bundle_destination
 from amoe_sdk.converters.folding import fold_routing
-from amoe_sdk.converters.graph import INPUT_NAME, EdgeGraph, infer_in_batches
-from amoe_sdk.converters.onnx_export import OPSET, check_finite, export_onnx, onnx_infer, save_with_metadata, to_fp16
+from amoe_sdk.converters.graph import INPUT_NAME, infer_in_batches
+from amoe_sdk.converters.onnx_export import OPSET, EncoderExports, check_finite, export_onnx, onnx_infer, save_with_metadata, to_fp16
 from amoe_sdk.converters.openvino_export import compiled_infer, save_openvino
 from amoe_sdk.converters.quantize_common import QuantizationReport
 from amoe_sdk.converters.tensorrt_checks import check_tensorrt_onnx
@@ -173,12 +173,14 @@ class Artifact:
 
 
 class Exporter:
-    """``Exporter(options)(checkpoint, out)`` -> the bundle folder. See the module's notes for the steps."""
+    """``Exporter(options)(checkpoint, out)`` -> the bundle folder. See the module's notes for the steps.
+    ``encoders``: encoder graphs exported before, to reuse where they match (``amoe convert --all-products``)."""
 
-    def __init__(self, options: ConvertOptions):
+    def __init__(self, options: ConvertOptions, encoders: EncoderExports | None = None):
         self.options = options.resolved()
+        self.encoders = encoders if encoders is not None else EncoderExports()
 
-    def __call__(self, checkpoint: str | Path, out: str | Path) -> Path:
+    def __call__(self, checkpoint: str | Path | dict, out: str | Path) -> Path:
         check_bundle_destination(Path(out))
         started = time.time()
         self.prepare(checkpoint)
@@ -195,7 +197,7 @@ class Exporter:
             return writer.commit(manifest)
 
     # -- shared preparation ---------------------------------------------------------------------------------------
-    def prepare(self, checkpoint: str | Path) -> None:
+    def prepare(self, checkpoint: str | Path | dict) -> None:
         """Load the run, read the calibration images, fold the routing when asked, and start the metadata."""
         options = self.options
         model, self.payload = load_detector(checkpoint, options.product)
@@ -218,7 +220,7 @@ class Exporter:
                 100 * report.agreement, report.images, " + ".join(report.selected), ", ".join(report.kept),
                 f"{report.params_before:,}", f"{report.params_after:,}", report.gflops_before, report.gflops_after,
             )
-        self.graph = EdgeGraph(core).eval()
+        self.core = core.eval()
         self.metadata = self.describe(model, folding)
         self.int8_frames = self.gate = self.quantization = None
         if options.precision == "int8":
@@ -263,7 +265,7 @@ class Exporter:
     def export_graph(self) -> None:
         """The uint8-in FP32 ONNX graph every target starts from, checked to give finite outputs."""
         self.onnx_path = self.writer.path("model.onnx")
-        self.onnx_model = export_onnx(self.graph, self.onnx_path, self.size, self.options.batch_size)
+        self.onnx_model = export_onnx(self.core, self.onnx_path, self.size, self.options.batch_size, self.encoders)
         check_finite(self.onnx_path, self.size, self.options.batch_size)
 
     # -- one method per target --------------------------------------------------------------------------------------
@@ -406,10 +408,11 @@ class Exporter:
         )
 
 
-def convert(checkpoint: str | Path, out: str | Path, options: ConvertOptions) -> Path:
-    """Convert the run or checkpoint ``checkpoint`` into the bundle folder ``out``. ``out`` must be new, empty or a
-    bundle (replaced atomically); anything else, and any option that does not apply, is refused before any work."""
-    return Exporter(options)(checkpoint, out)
+def convert(checkpoint: str | Path | dict, out: str | Path, options: ConvertOptions, encoders: EncoderExports | None = None) -> Path:
+    """Convert the run or checkpoint ``checkpoint`` (or its payload as ``read_checkpoint`` returned it) into the
+    bundle folder ``out``. ``out`` must be new, empty or a bundle (replaced atomically); anything else, and any
+    option that does not apply, is refused before any work. ``encoders``: as ``Exporter``'s."""
+    return Exporter(options, encoders)(checkpoint, out)
 
 
 def embedded(manifest: dict) -> dict:

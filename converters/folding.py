@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from amoe_sdk.errors import ConversionError
 from amoe_sdk.models.detector import AnomalyMoE, DetectorOutput, normalise_expert_maps, upsample_score_and_map
+from amoe_sdk.models.encoders import EncoderFeatures
 from amoe_sdk.models.layers import standardise_taps
 from amoe_sdk.models.routing import count_cost, expert_names, route_images, selected_sets, set_histogram
 
@@ -82,8 +83,13 @@ class FoldedDetector(nn.Module):
         self.blur = model.blur
         self.num_experts = model.num_experts
 
-    def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:
-        features = self.encoder(images_bgr, with_descriptor=False)  # no router: stop after the last tap
+    # No router: the encoder stops after its last tap.
+    needs_descriptor = False
+
+    def forward(self, images_bgr: torch.Tensor, features: EncoderFeatures | None = None) -> DetectorOutput:
+        """``features``: as ``AnomalyMoE.forward``'s."""
+        if features is None:
+            features = self.encoder(images_bgr, with_descriptor=False)
         tokens = standardise_taps(features.taps, self.feature_mean, self.feature_std)
         slots = self.assigner(tokens, features.components) if self.assigner is not None else None
         memory = self.patch_memory(tokens) if self.patch_memory is not None else None

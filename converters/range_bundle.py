@@ -1,6 +1,8 @@
 """A range's bundles: ``amoe convert`` of a detector trained over a range of products writes one bundle per
 product (each with that product's calibration and threshold; folded, each with that product's expert set) into
-one folder with an index, ``products.json``, which ``EdgeDetector(folder, product=NAME)`` opens by name.
+one folder with an index, ``products.json``, which ``EdgeDetector(folder, product=NAME)`` opens by name. The
+products share the frozen encoder, so its graph is exported once and joined to each product's head
+(``onnx_export.EncoderExports``), and the checkpoint is read once; each product has its own calibration pass.
 
 Written as a bundle is: everything in a hidden folder beside the target, swapped in by renames at the end, and
 only over a folder that is new, empty or a range bundle of ours.
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from amoe_sdk.checkpoint import read_checkpoint, run_products
 from amoe_sdk.converters.bundle_writer import check_bundle_destination
 from amoe_sdk.converters.convert import ConvertOptions, convert
+from amoe_sdk.converters.onnx_export import EncoderExports
 from amoe_sdk.errors import UsageError
 from amoe_sdk.outputs import WRITER_MARKER, mark_as_ours, remove_stale_writers
 from amoe_sdk.runtimes.bundle import PRODUCTS_NAME, read_bundle
@@ -81,9 +84,10 @@ def convert_products(checkpoint: str | Path, out: str | Path, options: ConvertOp
     try:
         tmp.mkdir()
         mark_as_ours(tmp)
-        rows = []
+        # The products share the checkpoint, read once, and the frozen encoder, exported once.
+        rows, encoders = [], EncoderExports()
         for name in tqdm(products, desc="products", unit="bundle", leave=False):
-            rows.append(product_row(name, convert(checkpoint, tmp / name, replace(options, product=name))))
+            rows.append(product_row(name, convert(payload, tmp / name, replace(options, product=name), encoders)))
         index = {"format": RANGE_FORMAT, "source": str(Path(payload["path"]).resolve()), "routing": options.routing,
                  "products": {name: name for name in products}}
         (tmp / PRODUCTS_NAME).write_text(json.dumps(index, indent=2))

@@ -122,12 +122,13 @@ def product_view(payload: dict[str, Any], product: str | None) -> dict[str, Any]
     }
 
 
-def load_detector(path: str | Path, product: str | None = None):
-    """(AnomalyMoE in eval mode, payload) from a run directory or checkpoint file; for a range of products, the
+def load_detector(path: str | Path | dict[str, Any], product: str | None = None):
+    """(AnomalyMoE in eval mode, payload) from a run directory, a checkpoint file or a payload ``read_checkpoint``
+    returned (a range's conversion reads its checkpoint once for all its products); for a range of products, the
     detector and payload of ``product`` (``product_view``)."""
     from amoe_sdk.models.detector import AnomalyMoE
 
-    payload = product_view(read_checkpoint(path), product)
+    payload = product_view(path if isinstance(path, dict) else read_checkpoint(path), product)
     config_data = copy.deepcopy(payload["config"])  # the payload stays as read
     state = payload["state_dict"]
     if "level_weights" not in state:

@@ -117,6 +117,69 @@ def test_folded_equals_dense_where_the_router_agrees_and_saves_compute(tiny_run)
     assert torch.allclose(dense.score, small.score, atol=1e-5)
 
 
+class _OnePiece(torch.nn.Module):
+    """The detector exported as one graph, as the converters did before the encoder had a graph of its own."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images):
+        out = self.detector(images.permute(0, 3, 1, 2).to(torch.float32))
+        return out.anomaly_map, out.score, out.routing_weights
+
+
+@pytest.mark.parametrize("routing", ["dense", "folded"])
+def test_the_encoder_and_head_export_joined_equals_a_one_piece_export_bit_for_bit(tiny_run, tmp_path, routing):
+    from amoe_sdk.converters.graph import INPUT_NAME, OUTPUT_NAMES
+    from amoe_sdk.converters.onnx_export import OPSET, export_onnx, fold_static_shapes, onnx_infer
+
+    model, images = _calibration(tiny_run)
+    detector = model
+    if routing == "folded":
+        # Without the component level: the joined graph must drop the component taps the head does not read.
+        _fix_router(model, [5.0, 0.0, -5.0, -5.0, 5.0, 0.0])
+        for shares in (model.level_weights, model.map_level_weights):
+            shares.copy_(torch.tensor([0.5, 0.0, 0.5]))
+        detector, report = fold_routing(model, images)
+        assert not any(name.startswith("component") for name in report.kept) and model.encoder.component_taps
+    joined = export_onnx(detector, tmp_path / "joined.onnx", 128, 2)
+    with torch.no_grad():
+        torch.onnx.export(_OnePiece(detector).eval(), (torch.zeros(2, 128, 128, 3, dtype=torch.uint8),), str(tmp_path / "one.onnx"),
+                          dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), do_constant_folding=True)
+    one = fold_static_shapes(tmp_path / "one.onnx")
+    onnx.save(one, str(tmp_path / "one.onnx"))
+    # The same operations under the same module paths (the INT8 layer groups match on them), and no tensor left over.
+    assert sorted(n.op_type for n in joined.graph.node) == sorted(n.op_type for n in one.graph.node)
+    paths = lambda m: sorted(n.name.rpartition("/")[0] for n in m.graph.node)  # noqa: E731
+    assert paths(joined) == paths(one)
+    assert [o.name for o in joined.graph.output] == list(OUTPUT_NAMES)
+    assert [(o.domain, o.version) for o in joined.opset_import] == [(o.domain, o.version) for o in one.opset_import]
+    frames = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    frames[1] = images[0].permute(1, 2, 0).numpy()
+    got, want = onnx_infer(tmp_path / "joined.onnx")(frames), onnx_infer(tmp_path / "one.onnx")(frames)
+    for name in OUTPUT_NAMES:
+        assert np.array_equal(got[name], want[name]), name
+
+
+def test_an_encoder_export_is_reused_only_where_weights_input_and_batch_match(tiny_run, tmp_path):
+    from amoe_sdk.converters.onnx_export import EncoderExports
+
+    model, images = _calibration(tiny_run)
+    encoders = EncoderExports()
+    first = encoders.get(model, tmp_path / "a.onnx", 128, 1)
+    assert encoders.get(model, tmp_path / "b.onnx", 128, 1) is first and encoders.exports == 1
+    _fix_router(model, [5.0, 0.0, 5.0, 0.0, 5.0, 0.0])
+    folded, _ = fold_routing(model, images)
+    encoders.get(folded, tmp_path / "c.onnx", 128, 1)  # no router: the encoder stops after its last tap
+    encoders.get(model, tmp_path / "d.onnx", 128, 2)
+    with torch.no_grad():
+        next(model.encoder.parameters()).add_(1.0)
+    encoders.get(model, tmp_path / "e.onnx", 128, 1)
+    assert encoders.exports == 4
+    assert list(tmp_path.iterdir()) == []  # the exports' files are removed once read
+
+
 def test_folded_bundle_passes_verify(tiny_run, sample_root, tmp_path):
     bundle = convert(tiny_run, tmp_path / "folded", ConvertOptions(target="onnx", routing="folded", force=True))
     manifest = json.loads((bundle / "manifest.json").read_text())

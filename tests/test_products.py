@@ -14,6 +14,7 @@ from amoe_sdk.checkpoint import load_detector, read_checkpoint
 from amoe_sdk.cli.main import main
 from amoe_sdk.config import RANGE_STEPS, SINGLE_PRODUCT_STEPS, load_config
 from amoe_sdk.converters.convert import ConvertOptions, convert
+from amoe_sdk.converters.onnx_export import EncoderExports
 from amoe_sdk.converters.range_bundle import convert_products
 from amoe_sdk.converters.verify import verify
 from amoe_sdk.data.images import read_image, resize_to_input
@@ -194,9 +195,14 @@ def test_info_prints_each_products_expert_sets(range_run, capsys):
     assert all(p["routing_agreement"] >= 0.95 and p["expert_sets"][0].endswith("%") for p in products.values())
 
 
-def test_each_product_folds_without_force_and_its_bundle_matches_the_dense_model(range_run, product_root, tmp_path):
+def test_each_product_folds_without_force_and_its_bundle_matches_the_dense_model(range_run, product_root, tmp_path, monkeypatch):
+    import amoe_sdk.converters.range_bundle as range_bundle
+
+    made = []
+    monkeypatch.setattr(range_bundle, "EncoderExports", lambda: made.append(EncoderExports()) or made[-1])
     out, rows = convert_products(range_run, tmp_path / "folded", ConvertOptions(target="onnx", routing="folded"))
     assert [r["product"] for r in rows] == list(RANGE)
+    assert len(made) == 1 and made[0].exports == 1  # one encoder export, joined to each product's head
     for row in rows:
         # One expert per level: half the experts, and a fold that is exact where the router agrees.
         assert row["agreement"] >= 0.95 and len(row["kept"]) == 3 and row["gflops_after"] < row["gflops_before"]

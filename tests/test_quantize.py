@@ -149,7 +149,6 @@ def test_a_gate_that_holds_at_once_keeps_everything_quantizable_in_int8(tiny_run
 
 
 def test_mixed_precision_fallback_changes_which_nodes_are_quantized(tiny_run, tmp_path):
-    from amoe_sdk.converters.graph import EdgeGraph
     from amoe_sdk.converters.onnx_export import export_onnx
     from amoe_sdk.checkpoint import load_detector
     from amoe_sdk.converters.quantize_common import quantizable_groups
@@ -157,7 +156,7 @@ def test_mixed_precision_fallback_changes_which_nodes_are_quantized(tiny_run, tm
 
     model, payload = load_detector(tiny_run)
     fp32_path = tmp_path / "fp32.onnx"
-    export_onnx(EdgeGraph(model).eval(), fp32_path, model.config.input_size, 1)
+    export_onnx(model, fp32_path, model.config.input_size, 1)
     frames = load_frames([Path(p) for p in payload["train_images"]][:8], model.config.input_size)
     groups = quantizable_groups(onnx.load(str(fp32_path)))
     stage = groups["encoder/stages.1"]

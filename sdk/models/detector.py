@@ -295,5 +295,14 @@ class AnomalyMoE(nn.Module):
         )
         return DetectorOutput(anomaly_map, score, weights, logits, expert_maps)
 
-    def forward(self, images_bgr: torch.Tensor) -> DetectorOutput:
-        return self.forward_features(self.encoder(images_bgr, with_descriptor=not self.static_routing), images_bgr)
+    @property
+    def needs_descriptor(self) -> bool:
+        """Whether ``forward`` reads the encoder's descriptor (only the router does)."""
+        return not self.static_routing
+
+    def forward(self, images_bgr: torch.Tensor, features: EncoderFeatures | None = None) -> DetectorOutput:
+        """``features``: the encoder's output on ``images_bgr`` where the caller already has it (the converters
+        export the encoder and the rest as two graphs, so that a range's products share one encoder export)."""
+        if features is None:
+            features = self.encoder(images_bgr, with_descriptor=self.needs_descriptor)
+        return self.forward_features(features, images_bgr)
