@@ -1,11 +1,12 @@
 """``convert``: a trained run in, a checked bundle out, for ONNX Runtime, OpenVINO or TensorRT.
 
 In the shape of Ultralytics' exporter: ``Exporter`` first prepares what every target shares (the checkpoint,
-the calibration images, the folded routing, the uint8-in ONNX graph, the INT8 calibration and gate images and
-the metadata), then runs its target's one method (``export_onnx``, ``export_openvino``, ``export_tensorrt``),
-and ends in one finishing step: the threshold measured on the artifact itself, then one manifest, written into
-every artifact (ONNX ``metadata_props``, OpenVINO ``rt_info``) and as ``manifest.json``, where the bundle is
-committed atomically. ``CONDITIONAL_OPTIONS`` says which options apply to which conversions; one given where it
+the calibration images, the folded routing, the uint8-in ONNX graph (the encoder's graph, which a range's
+products share, joined to the product's head), the INT8 calibration and gate images and the metadata), then runs
+its target's one method (``export_onnx``, ``export_openvino``, ``export_tensorrt``), and ends in one finishing
+step: the threshold measured on the artifact itself, then one manifest, written into every artifact (ONNX
+``metadata_props``, OpenVINO ``rt_info``) and as ``manifest.json``, where the bundle is committed atomically.
+``CONDITIONAL_OPTIONS`` says which options apply to which conversions; one given where it
 does not apply is a usage error, never silently ignored.
 """
 
