@@ -179,7 +179,7 @@ class Exporter:
 
     def __init__(self, options: ConvertOptions, encoders: EncoderExports | None = None):
         self.options = options.resolved()
-        self.encoders = encoders if encoders is not None else EncoderExports()
+        self.encoders = encoders
 
     def __call__(self, checkpoint: str | Path | dict, out: str | Path) -> Path:
         check_bundle_destination(Path(out))

@@ -89,7 +89,7 @@ class FoldedDetector(nn.Module):
     def forward(self, images_bgr: torch.Tensor, features: EncoderFeatures | None = None) -> DetectorOutput:
         """``features``: as ``AnomalyMoE.forward``'s."""
         if features is None:
-            features = self.encoder(images_bgr, with_descriptor=False)
+            features = self.encoder(images_bgr, with_descriptor=self.needs_descriptor)
         tokens = standardise_taps(features.taps, self.feature_mean, self.feature_std)
         slots = self.assigner(tokens, features.components) if self.assigner is not None else None
         memory = self.patch_memory(tokens) if self.patch_memory is not None else None

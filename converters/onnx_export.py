@@ -102,16 +102,14 @@ def join_graphs(encoder: onnx.ModelProto, head: onnx.ModelProto) -> onnx.ModelPr
         head.graph, HEAD_PREFIX, rename_nodes=False, rename_inputs=False, rename_outputs=False,
         rename_initializers=False, inplace=True, name_map=name_map,
     )
-    encoder = _copy(encoder)
-    for graph in (encoder.graph, head.graph):  # merge_models refuses value_info that both graphs name (the joint tensors)
-        del graph.value_info[:]
     joined = onnx.compose.merge_models(encoder, head, io_map=[(name, name) for name in sorted(inputs)])
     prune_to_outputs(joined.graph, list(OUTPUT_NAMES))
     names = [node.name for node in joined.graph.node]
     if len(set(names)) != len(names):
         clash = sorted({n for n in names if names.count(n) > 1})
         raise ConversionError(f"the encoder and head graphs share node names ({', '.join(clash[:5])}); report this with the checkpoint")
-    del joined.graph.value_info[:]  # as a one-piece export has it: the outputs typed, the rest for the backend to infer
+    # merge_models types the joint tensors; a one-piece export types only the outputs, the rest for the backend to infer.
+    del joined.graph.value_info[:]
     # merge_models lists a domain once per graph; ONNX Runtime's quantizer wants each once.
     opsets = {(o.domain or "ai.onnx"): o for o in list(encoder.opset_import) + list(head.opset_import)}
     del joined.opset_import[:]

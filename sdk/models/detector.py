@@ -181,7 +181,7 @@ class AnomalyMoE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images_bgr: torch.Tensor) -> EncoderFeatures:
-        return self.encoder(images_bgr, with_descriptor=not self.static_routing)
+        return self.encoder(images_bgr, with_descriptor=self.needs_descriptor)
 
     def route(self, descriptor: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits and top-k weights, [B, E] each. Without a router (static routing): zero logits and equal
